@@ -1,0 +1,160 @@
+"""model.py against transformers: logits parity on tiny random models and on SmolLM2-135M,
+round trips through save_pretrained, and clean errors for bad checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import LoadError, Transformer, load_tokenizer, render_prompt, stop_token_ids, end_of_turn_id
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256)
+
+
+def tiny_hf(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "llama_gqa_tied":
+        cfg = transformers.LlamaConfig(**TINY, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0)
+        m = transformers.LlamaForCausalLM(cfg)
+    elif kind == "llama3_rope":
+        cfg = transformers.LlamaConfig(**TINY, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0,
+                                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0, original_max_position_embeddings=32))
+        m = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2_bias_untied":
+        cfg = transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1e6)
+        m = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "qwen3":
+        cfg = transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+        m = transformers.Qwen3ForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    # random init gives zero biases and unit norms: perturb them so the test can see them
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+def ragged_batch(vocab, lens, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lens)
+    idx = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for i, L in enumerate(lens):
+        idx[i, :L] = torch.randint(0, vocab, (L,), generator=g)
+        mask[i, :L] = 1
+    return idx, mask
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa_tied", "llama3_rope", "qwen2_bias_untied", "qwen3"])
+def test_logits_parity_tiny(kind, tmp_path):
+    hf = tiny_hf(kind)
+    hf.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    # lengths beyond the llama3 original context (32) exercise the scaled frequencies
+    idx, mask = ragged_batch(TINY["vocab_size"], [50, 7, 33, 1])
+    with torch.no_grad():
+        ref = hf(input_ids=idx, attention_mask=mask).logits
+        got = ours(idx)
+    valid = mask.bool()
+    diff = (ref[valid] - got[valid]).abs().max().item()
+    print(f"{kind}: max abs logit diff {diff:.2e}")
+    assert diff <= 1e-4
+    # hidden states without the head, and explicit position ids, agree with the default path
+    with torch.no_grad():
+        h = ours(idx, hidden=True)
+        pos = torch.arange(idx.shape[1])[None].expand_as(idx)
+        assert torch.allclose(ours(idx, position_ids=pos), got, atol=1e-6)
+    assert h.shape == (4, idx.shape[1], TINY["hidden_size"])
+
+
+def test_round_trip(tmp_path):
+    hf = tiny_hf("qwen2_bias_untied")
+    hf.save_pretrained(tmp_path / "a")
+    ours = Transformer.from_pretrained(str(tmp_path / "a"))
+    ours.save_pretrained(tmp_path / "b", max_shard_bytes=40_000)  # force several shards + an index
+    assert (tmp_path / "b" / "model.safetensors.index.json").exists()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    again = Transformer.from_pretrained(str(tmp_path / "b"))
+    idx, mask = ragged_batch(TINY["vocab_size"], [20, 11])
+    with torch.no_grad():
+        a = hf(input_ids=idx, attention_mask=mask).logits[mask.bool()]
+        b = back(input_ids=idx, attention_mask=mask).logits[mask.bool()]
+        c = again(idx)[mask.bool()]
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-4
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(LoadError, match="no such file"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+    d = tmp_path / "ckpt"
+    tiny_hf("llama_gqa_tied").save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(LoadError, match="unsupported model_type 'gpt_neox'") as e:
+        Transformer.from_pretrained(str(d))
+    assert "\n" not in str(e.value)
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="unsupported rope scaling type 'yarn'"):
+        Transformer.from_pretrained(str(d))
+    cfg["rope_scaling"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    st = d / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoadError, match="corrupt or truncated safetensors") as e:
+        Transformer.from_pretrained(str(d))
+    assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
+
+
+def test_bad_input_cli_is_one_line(tmp_path):
+    # what a user sees from a script: one line on stderr, non-zero exit, no traceback
+    code = ("import sys; from model import Transformer, LoadError\n"
+            "try: Transformer.from_pretrained(sys.argv[1])\n"
+            "except LoadError as e: sys.exit(f'error: {e}')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True,
+                       cwd=root)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "missing: no such file" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    ours = Transformer.from_pretrained(smollm2_path).eval()
+    tok = load_tokenizer(smollm2_path)
+    return ours, tok
+
+
+def test_smollm2_gguf_matches_transformers(smollm2_path, smol):
+    ours, tok = smol
+    d, f = os.path.split(smollm2_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    ids = render_prompt(tok, [{"role": "user", "content": "What is the capital of France? Answer briefly."}])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref, got = hf(x).logits, ours(x)
+    diff = (ref - got).abs().max().item()
+    print(f"SmolLM2-135M GGUF: max abs logit diff {diff:.2e} over {len(ids)} tokens")
+    assert diff <= 1e-3
+    assert ref[0, -1].argmax() == got[0, -1].argmax()
+    assert stop_token_ids(tok) and end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_smollm2_save_load(smol, tmp_path):
+    ours, tok = smol
+    ours.save_pretrained(tmp_path, tokenizer=tok)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tok2 = load_tokenizer(str(tmp_path))
+    ids = render_prompt(tok2, [{"role": "user", "content": "Hello there"}])
+    assert ids == render_prompt(tok, [{"role": "user", "content": "Hello there"}])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max() < 1e-3
