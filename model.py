@@ -259,7 +259,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    checkpointing = False  # activation checkpointing: recompute this block in the backward pass
+
     def forward(self, x, cos, sin, cache=None):
+        # checkpoint inside the block's own forward, so that FSDP2's hooks on the block stay outside
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, cache, use_reentrant=False)
+        return self._forward(x, cos, sin, cache)
+
+    def _forward(self, x, cos, sin, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -278,7 +286,6 @@ class Transformer(nn.Module):
         if lm_head and cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.gradient_checkpointing = False
 
     def forward(self, idx, position_ids=None, cache=None, logits_index=None, targets=None,
                 temperature=1.0, entropy=False, hidden=False):
@@ -299,10 +306,7 @@ class Transformer(nn.Module):
         cos = emb.cos().to(x.dtype)[:, :, None, :]  # broadcast over heads in [B, T, H, hd]
         sin = emb.sin().to(x.dtype)[:, :, None, :]
         for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, cache, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache)
         x = self.model.norm(x)
         if cache is not None:
             cache.lengths = cache.lengths + T if not cache.prefill else cache.lengths
@@ -337,21 +341,25 @@ class Transformer(nn.Module):
         loaded = {}
         source = tensors if files is None else iter_safetensors(files)
         for name, t in source:
-            if not lm_head and name == "lm_head.weight":
-                continue
             if name not in expected:
-                if name.endswith("rotary_emb.inv_freq"):
+                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and not lm_head):
                     continue
                 raise LoadError(f"{path}: unexpected weight {name!r} for model_type {cfg.model_type!r}")
             loaded[name] = t.to(device=device, dtype=dtype)
-        missing = expected - set(loaded)
+        missing = expected - set(loaded) - set(cls.init_if_missing)
         if missing:
             raise LoadError(f"{path}: missing {len(missing)} weights, e.g. {sorted(missing)[0]!r}")
         model.load_state_dict(loaded, strict=False, assign=True)
         if lm_head and cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)
+        model.init_missing(set(cls.init_if_missing) - set(loaded), device, dtype)
         return model
+
+    init_if_missing = ()  # weights a subclass may create itself (the discriminator's head)
+
+    def init_missing(self, names, device, dtype):
+        pass
 
     def save_pretrained(self, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30):
         """HF layout: config.json, model.safetensors (or shards + index), tokenizer files.
@@ -615,8 +623,8 @@ def chunked_logprobs(h, w, targets, temperature=1.0, entropy=False, chunk=LOGPRO
             lp, ent = _chunk_logprobs(*args)
         outs.append(lp)
         ents.append(ent)
-    logp = torch.cat(outs).view(B, T)
-    return logp, (torch.cat(ents).view(B, T) if entropy else None)
+    logp = torch.cat(outs).reshape(B, T).clone()  # not a view: FSDP2 hooks the outputs of a module
+    return logp, (torch.cat(ents).reshape(B, T).clone() if entropy else None)
 
 
 def token_logprobs(model, input_ids, temperature=1.0, entropy=False):
@@ -644,21 +652,46 @@ def fsdp_modules(model):
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def next_token(logits, temperature, top_p, gen):
-    """Pick the next token of each row; returns (ids, log p of the ids under logits / temperature)."""
+M32 = 0xFFFFFFFF
+
+
+def hash32(x):
+    """A 32-bit integer mix (lowbias32) on int64 tensors with values in [0, 2^32); no overflow."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
+    return (x >> 16) ^ x
+
+
+def uniforms(keys, t, V):
+    """[B, V] uniforms in (0, 1) that depend only on (row key, step t, token id): a row's sample
+    never depends on which other rows share its batch, how many processes split the work, or when
+    other rows finished, so a run is reproducible across batch sizes and world sizes."""
+    base = hash32((keys * 0x9E3779B1 + t) & M32)
+    u = hash32((base[:, None] * 0x85EBCA6B + torch.arange(V, device=keys.device)[None, :]) & M32)
+    return (u.double() + 0.5) / 2.0**32
+
+
+def next_token(logits, temperature, top_p, keys, t):
+    """Pick the next token of each row; returns (ids, log p of the ids under logits / temperature).
+    Sampling is the Gumbel-max trick, exact for the (top-p truncated) softmax distribution."""
     if temperature == 0:
         ids = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
         return ids, logp
     logp_all = torch.log_softmax(logits / temperature, -1)
-    probs = logp_all.exp()
+    masked = logp_all
     if top_p < 1.0:
-        sp, si = probs.sort(-1, descending=True)
+        sp, si = logp_all.exp().sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-    ids = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        masked = logp_all.masked_fill(torch.zeros_like(drop).scatter_(-1, si, drop), float("-inf"))
+    gumbel = -torch.log(-torch.log(uniforms(keys, t, logits.shape[-1])))
+    ids = (masked.double() + gumbel).argmax(-1)
     return ids, logp_all.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def prompt_seeds(seed, count):
+    """Per-prompt seeds from one seed (prompt i gets the same seed whatever batch it is in)."""
+    return hash32((torch.arange(count) + seed * 0x27D4EB2F) & M32).tolist()
 
 
 @torch.no_grad()
@@ -669,13 +702,18 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
     Prefill runs once per prompt; its K/V is repeated n times. Then one decode step for all live
     rows; a row ends at its first stop token (kept) or at max_new_tokens, and finished rows leave
     the batch so they cost nothing more. On an FSDP2 model, every shard is gathered once for the
-    whole rollout instead of once per layer per token. `max_batch` bounds the rows decoded at once."""
+    whole rollout instead of once per layer per token. `max_batch` bounds the rows decoded at once.
+    `seed` is an int or one int per prompt; sample j of a prompt depends only on (its seed, j)."""
+    if seed is None:
+        seed = int(torch.randint(2**31, ()).item())
+    if isinstance(seed, int):
+        seed = prompt_seeds(seed, len(prompts))
     if max_batch is not None and len(prompts) * n > max_batch:
         per = max(1, max_batch // n)
         out = []
         for i in range(0, len(prompts), per):
             part = generate(model, prompts[i:i + per], n, max_new_tokens, temperature, top_p, stop_ids,
-                            None if seed is None else seed + i, None)
+                            seed[i:i + per], None)
             for s in part:
                 s.prompt_index += i
             out.extend(part)
@@ -699,9 +737,9 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, s
     cfg = model.config
     p0 = next(model.parameters())
     device, dtype = p0.device, p0.dtype
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.randint(2**62, ()).item())
     P = len(prompts)
+    keys = hash32((torch.tensor(seed, device=device).repeat_interleave(n) * 31 +
+                   torch.arange(n, device=device).repeat(P)) & M32)  # one key per (prompt, draw)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     if int(lens.min()) == 0:
         raise ValueError("generate: empty prompt")
@@ -726,7 +764,7 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, s
     out_len = torch.zeros(P * n, dtype=torch.long, device=device)
     stopped = torch.zeros(P * n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        ids, lp = next_token(logits, temperature, top_p, gen)
+        ids, lp = next_token(logits, temperature, top_p, keys, t)
         out_tok[live, t] = ids
         out_lp[live, t] = lp
         out_len[live] = t + 1
@@ -738,7 +776,7 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, s
             keep = (~done).nonzero().squeeze(-1)
             if keep.numel() == 0:
                 break
-            live, ids = live[keep], ids[keep]
+            live, ids, keys = live[keep], ids[keep], keys[keep]
             cache.select(keep)
         logits = model(ids[:, None], cache=cache)[:, -1]
 

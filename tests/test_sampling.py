@@ -166,3 +166,28 @@ def test_greedy_matches_transformers_smollm2(smollm2_path):
     for p, s in zip(prompts, got):
         ref = hf_greedy(hf, p, 24, stop)
         assert s.tokens == ref, (tok.decode(s.tokens), tok.decode(ref))
+
+
+def test_sampler_distribution_and_batch_invariance(tiny):
+    from model import next_token
+    # the hashed Gumbel-max draws follow softmax(logits / T), with top-p truncation
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
+    keys = torch.arange(20000)
+    for T, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
+        ids, _ = next_token(logits, T, top_p, keys, t=3)
+        freq = torch.bincount(ids, minlength=5).float() / len(ids)
+        p = torch.softmax(logits[0] / T, -1)
+        if top_p < 1:
+            keep = torch.zeros(5, dtype=torch.bool)
+            order = p.argsort(descending=True)
+            keep[order[(p[order].cumsum(0) - p[order]) <= top_p]] = True
+            p = torch.where(keep, p, torch.zeros_like(p))
+            p = p / p.sum()
+        assert (freq - p).abs().max() < 0.015, (T, top_p, freq, p)
+    # a prompt's samples do not depend on the other prompts in its batch (world-size invariance)
+    _, ours = tiny
+    prompts = prompts_of([4, 9, 6], 97, seed=4)
+    seeds = [11, 22, 33]
+    together = generate(ours, prompts, n=2, max_new_tokens=8, temperature=1.0, seed=seeds)
+    alone = generate(ours, prompts[1:2], n=2, max_new_tokens=8, temperature=1.0, seed=seeds[1:2])
+    assert [s.tokens for s in together[2:4]] == [s.tokens for s in alone]

@@ -1,0 +1,86 @@
+"""
+The discriminator D of GAD: the student's backbone with a scalar head. D(x, y) is the head's output
+at the last valid token of prompt + response; it is trained with the Bradley-Terry loss to score the
+teacher's answer above the student's, and its raw score is the student's reward.
+
+    from discriminator import Discriminator, bt_loss
+    D = Discriminator.from_pretrained("Qwen/Qwen2.5-7B-Instruct")  # student weights + a fresh head
+    scores = D(input_ids, lengths)                                  # one score per row
+    D.save_pretrained("out/disc", tokenizer)                        # an HF *ForSequenceClassification
+
+The saved directory loads in transformers as Qwen2ForSequenceClassification /
+LlamaForSequenceClassification / Qwen3ForSequenceClassification with num_labels=1 and gives the
+same scores (see tests/test_discriminator.py).
+"""
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Transformer, save_safetensors
+
+
+class Discriminator(Transformer):
+    # Parameter names are HF's sequence-classification layout: model.* plus score.weight.
+    # The paper's head is Linear(hidden, 1) with a bias initialised to 0. The Bradley-Terry loss only
+    # sees score differences, so that bias gets exactly zero gradient and stays 0 forever; we drop it,
+    # which is also what HF's *ForSequenceClassification has.
+    init_if_missing = ("score.weight",)
+
+    def __init__(self, cfg, lm_head=False):
+        super().__init__(cfg, lm_head=False)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def init_missing(self, names, device, dtype):
+        if "score.weight" in names:  # a fresh head: normal(0, 0.02), as in the paper
+            w = torch.empty(1, self.config.hidden_size, device=device, dtype=torch.float32).normal_(0, 0.02)
+            self.score.weight = nn.Parameter(w.to(dtype))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device=None, lm_head=False):
+        """The student's causal-LM checkpoint (LM head dropped, new score head) or a saved D."""
+        return super().from_pretrained(name_or_path, dtype=dtype, device=device, lm_head=False)
+
+    def forward(self, idx, lengths):
+        """idx [B, T] right-padded, lengths [B] -> scores [B] (fp32) at each row's last valid token.
+        Indexing by length, never by a pad id: pad is often the same id as the end-of-turn token."""
+        h = super().forward(idx, hidden=True)
+        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+        return self.score(last).float().squeeze(-1).clone()  # not a view: FSDP2 hooks module outputs
+
+    def save_pretrained(self, out_dir, tokenizer=None, state_dict=None, pad_token_id=None):
+        """HF sequence-classification checkpoint. HF picks the last token that is not pad_token_id,
+        so pad_token_id must be an id that never ends a sequence: pass one that is not a stop token."""
+        sd = state_dict if state_dict is not None else self.state_dict()
+        dtype = next(iter(sd.values())).dtype
+        cfg = self.config.to_hf(dtype)
+        cfg["architectures"] = [cfg["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+        cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad_token_id,
+                   problem_type="regression")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        save_safetensors(sd, out_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+
+def pad_id_for_scoring(tok, stop_ids):
+    """An id that is not a stop token, for HF's pad-based last-token lookup (see save_pretrained)."""
+    for cand in (tok.pad_token_id, tok.convert_tokens_to_ids("<|endoftext|>"), tok.unk_token_id, 0):
+        if cand is not None and cand >= 0 and cand not in stop_ids:
+            return int(cand)
+    return 0
+
+
+def bt_loss(r_teacher, r_student):
+    """Bradley-Terry: mean over pairs of -log sigmoid(D(x, y_teacher) - D(x, y_student))."""
+    return -F.logsigmoid(r_teacher - r_student).mean()
+
+
+def d_accuracy(r_teacher, r_student):
+    """Fraction of pairs where D scores the teacher's answer above the student's."""
+    return (r_teacher > r_student).float().mean()
