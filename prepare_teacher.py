@@ -499,13 +499,14 @@ class Collector:
     in <out>.failed.jsonl. A prompt's status is the first of: done, filtered, failed, pending."""
 
     def __init__(self, args):
-        self.args, self.lock, self.used = args, threading.Lock(), Counter()
+        self.args, self.lock, self.used, self.failed_now = args, threading.Lock(), Counter(), 0
         self.out, self.rejects, self.failed = (JsonlStore(args.out), JsonlStore(sidecar(args.out, "rejects")),
                                                JsonlStore(sidecar(args.out, "failed")))
         self.refusal = re.compile(args.refusal_filter) if args.refusal_filter else None
         for store in (self.out, self.rejects, self.failed):
             for rec in store.records.values():
                 self.charge(rec.get("usage"), rec.get("batch", False))
+        self.spent_before = self.spent
 
     def price(self, tokens_in, tokens_out, batch=False):
         a = self.args
@@ -538,15 +539,14 @@ class Collector:
         row = {k: v for k, v in job["row"].items() if k not in ("teacher", "usage", "finish_reason")}
         extras = {"finish_reason": finish_reason, "usage": usage, "system": job.get("system"), "batch": batch or None}
         row.update(teacher=text, model=model or self.args.model, key=job["key"], **{k: v for k, v in extras.items() if v})
-        self.charge(usage, batch)
         reason = self.filter_reason(row)
-        if reason is None:
-            self.out.append(row)
-        else:
-            self.rejects.append({**row, "reason": reason})
+        if (self.out.append(row) if reason is None else self.rejects.append({**row, "reason": reason})):
+            self.charge(usage, batch)  # an answer stored before (a rerun of an import) was paid before
 
     def fail(self, job, reason, attempts=1, usage=None):
         self.charge(usage)
+        with self.lock:
+            self.failed_now += 1
         self.failed.append({"key": job["key"], "id": job["row"]["id"], "reason": reason, "attempts": attempts,
                             "usage": usage, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, unique=False)
 
@@ -573,7 +573,8 @@ class Collector:
         print(f"summary: {len(jobs)} prompts: {status['done']} done, {status['failed']} failed{detail['failed']}, "
               f"{status['filtered']} filtered{detail['filtered']}, {status['pending']} pending")
         no_prices = " (no --price-in/--price-out)" if self.args.price_in is None and self.args.price_out is None else ""
-        print(f"tokens: {self.used['in']:,} in, {self.used['out']:,} out; cost ${self.spent:.4f}{no_prices}")
+        print(f"tokens: {self.used['in']:,} in, {self.used['out']:,} out; cost ${self.spent:.4f} in all, "
+              f"${self.spent - self.spent_before:.4f} this run{no_prices}")
         if status["failed"]:
             print("rerun the same command to retry the failed prompts")
 
@@ -597,7 +598,7 @@ def live(args, col, todo):
         col.finish(job, res["text"], res["finish_reason"], res["usage"])
 
     run_pool(todo, work, args.concurrency, desc="teacher", stop=col.over_budget,
-             status=lambda: f"failed={len(col.failed)} cost=${col.spent:.4f}")
+             status=lambda: f"failed={col.failed_now} cost=${col.spent:.4f}")
 
 
 def batch_api(args, col, todo, jobs):
@@ -608,8 +609,10 @@ def batch_api(args, col, todo, jobs):
 
     path = sidecar(args.out, "batch", ".json")
     while True:
-        state = json.load(open(path)) if os.path.exists(path) else submit_batch(args, client, call, col, todo, path)
-        if state is None:
+        if os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+        elif (state := submit_batch(args, client, call, col, todo, path)) is None:
             return
         if "batch_id" not in state:
             # killed between upload and create: the batch may exist already, and must not be paid twice
@@ -641,10 +644,13 @@ def submit_batch(args, client, call, col, todo, path):
     if not chosen:
         print("nothing to submit" + (f" within --max-cost ${args.max_cost}" if todo else ""))
         return None
-    params = {"temperature": args.temperature, "max_tokens": args.max_tokens}
-    data = "".join(json.dumps({"custom_id": job["key"], "method": "POST", "url": "/v1/chat/completions", "body": {
-        "model": args.model, "messages": job["sent"], **args.extra_body, **{k: v for k, v in params.items() if v is not None}}},
-        ensure_ascii=False) + "\n" for job in chosen).encode("utf-8")
+
+    def line(job):  # the very request a live run would send
+        body = {"model": args.model, "messages": job["sent"], **args.extra_body}
+        body.update({k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None})
+        return json.dumps({"custom_id": job["key"], "method": "POST", "url": "/v1/chat/completions", "body": body},
+                          ensure_ascii=False) + "\n"
+    data = "".join(map(line, chosen)).encode("utf-8")
     with open(sidecar(args.out, "batch_input"), "wb") as f:  # a copy to look at; the upload sends `data`
         f.write(data)
     upload = call(client.files.create, file=("batch_input.jsonl", data), purpose="batch")
