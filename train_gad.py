@@ -249,6 +249,14 @@ def response_mask(idx, prompt_lens, lengths):
     return ((t >= prompt_lens[:, None]) & (t < lengths[:, None])).float()
 
 
+def reshard(model):
+    """FSDP2 keeps the root unsharded after a forward that has no backward, and while it is, the
+    module's attributes are the unsharded tensors, not the parameters the optimizer holds: zero_grad
+    or named_parameters() on the module would then miss the real ones. Reshard after such forwards."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 @torch.no_grad()
 def score(D, seqs, token_budget, device):
     """D(x, y) of every sequence, in micro-batches."""
@@ -257,6 +265,7 @@ def score(D, seqs, token_budget, device):
         idx, lens = pad([seqs[i] for i in g], device)
         s = D(idx, lens).cpu()
         out[g] = s[:len(g)]
+    reshard(D)
     return out
 
 
@@ -318,11 +327,16 @@ def save_checkpoint(out_dir, step, models, opts, state, tok, disc_pad_id, rank):
         os.makedirs(os.path.join(tmp, "resume"))
     dist.barrier()
     G, D = models["G"], models["D"]
-    sd_g, sd_d = full_state_dict(G), full_state_dict(D)
+    sd_g = full_state_dict(G)
     if rank == 0:
         G.save_pretrained(os.path.join(tmp, "generator"), tokenizer=tok, state_dict=sd_g)
-        D.save_pretrained(os.path.join(tmp, "discriminator"), tokenizer=tok, state_dict=sd_d, pad_token_id=disc_pad_id)
-    del sd_g, sd_d
+    del sd_g
+    if D is not None:
+        sd_d = full_state_dict(D)
+        if rank == 0:
+            D.save_pretrained(os.path.join(tmp, "discriminator"), tokenizer=tok, state_dict=sd_d,
+                              pad_token_id=disc_pad_id)
+        del sd_d
     tensors = {}
     for key, m in models.items():
         if m is not None:
@@ -528,7 +542,7 @@ def main(argv=None):
             # step 2 (same weights, same value): the summed gradient is exactly the pairwise loss's.
             n_pairs = all_sum(P * n)[0]
             seqs = teacher_seqs + student_seqs
-            D.zero_grad(set_to_none=True)
+            d_opt.zero_grad(set_to_none=True)  # the optimizer's params are FSDP's sharded ones (see score)
             for g in microbatches([len(s) for s in seqs], args.token_budget):
                 idx, lens = pad([seqs[i] for i in g], device)
                 s = D(idx, lens)
@@ -539,7 +553,7 @@ def main(argv=None):
                     else:  # a sample against its teacher answer
                         loss = loss - F.logsigmoid(r_t[(i - P) // n].to(device) - s[j])
                 (loss * world / n_pairs).backward()  # FSDP averages gradients over ranks
-            d_gnorm = torch.nn.utils.clip_grad_norm_(D.parameters(), args.grad_clip)
+            d_gnorm = torch.nn.utils.clip_grad_norm_(d_opt.param_groups[0]["params"], args.grad_clip)
             pair_t = r_t.repeat_interleave(n)
             d_loss, d_acc, rt_sum, rs_sum, rs_sq = all_sum(bt_loss(pair_t, r_s) * P * n,
                                                            d_accuracy(pair_t, r_s) * P * n,
@@ -573,7 +587,7 @@ def main(argv=None):
         if stage != "d_only":
             n_tok = all_sum(sum(len(s) - pl for s, pl in zip(seqs, prompt_lens)))[0]
             sums = dict(loss=0.0, pg=0.0, kl=0.0, ent=0.0, clip=0.0)
-            G.zero_grad(set_to_none=True)
+            g_opt.zero_grad(set_to_none=True)
             for g in microbatches([len(s) for s in seqs], args.token_budget):
                 idx, lens = pad([seqs[i] for i in g], device)
                 mask = response_mask(idx, torch.tensor([prompt_lens[i] for i in g] or [2], device=device), lens)
@@ -599,7 +613,9 @@ def main(argv=None):
                 (loss * world / n_tok).backward()  # token-mean over the whole global batch
                 sums["loss"] += loss.item()
                 sums["ent"] += (ent.detach() * mask).sum().item()
-            g_gnorm = torch.nn.utils.clip_grad_norm_(G.parameters(), args.grad_clip)
+            if ref is not None:
+                reshard(ref)
+            g_gnorm = torch.nn.utils.clip_grad_norm_(g_opt.param_groups[0]["params"], args.grad_clip)
             tot = dict(zip(sums, all_sum(*sums.values())))
             if not math.isfinite(tot["loss"]):
                 sys.exit(f"train_gad.py: step {step}: G loss is {tot['loss']}; stopping. Last good checkpoint: {last_ckpt}")
