@@ -41,7 +41,8 @@ from discriminator import Discriminator, bt_loss, d_accuracy, pad_id_for_scoring
 from model import LoadError, Transformer, end_of_turn_id, generate, load_tokenizer, render_prompt, stop_token_ids
 
 DEMO_STUDENT_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEMO_MARKERS = "arr,arrr,matey,mateys,ahoy,aye,ye,yer,me hearty,hearties,landlubber,shiver me timbers,treasure,booty"
+DEMO_MARKERS = ("arr,arrr,matey,mateys,ahoy,aye,ye,yer,me hearty,hearties,landlubber,shiver me timbers,pirate,pirates,"
+                "buccaneer,buccaneers,scallywag,yo ho")
 
 
 def parse_args(argv=None):
@@ -52,8 +53,8 @@ def parse_args(argv=None):
     # data and models; the defaults are the CPU demo's
     a("--student", default=None, help="HF dir, hub id or .gguf (default: the demo's SmolLM2-135M-Instruct)")
     a("--disc-init", default=None, help="D's initial weights (default: the student's)")
-    a("--train-data", default="data/demo_train.jsonl")
-    a("--eval-data", default="data/demo_test.jsonl")
+    a("--train-data", default="data/demo.train.jsonl")
+    a("--eval-data", default="data/demo.test.jsonl")
     a("--out-dir", default="out/demo")
     a("--init-from", default=None, help="a ckpt-* dir of an earlier run: start G and D from its weights")
     a("--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint")
@@ -65,6 +66,8 @@ def parse_args(argv=None):
     a("--max-new-tokens", type=int, default=48, help="response limit for samples and teacher (paper: 1536)")
     a("--max-prompt-len", type=int, default=2048, help="longer prompts are skipped and counted")
     a("--token-budget", type=int, default=2048, help="padded tokens per micro-batch: any batch fits memory")
+    a("--rollout-rows", type=int, default=0, help="at most this many responses decoded at once per "
+      "process (bounds the KV cache; 0: all of them)")
     # the algorithm; defaults are the paper's
     a("--n-samples", type=int, default=8, help="responses per prompt")
     a("--temperature", type=float, default=0.8)
@@ -381,7 +384,7 @@ def marker_rate(texts, markers):
 def run_eval(G, D, rows, args, tok, stop, eot, rank, world, device):
     mine = rows[rank::world]
     outs = generate(G, [r["prompt"] for r in mine], n=1, max_new_tokens=args.max_new_tokens, temperature=0,
-                    stop_ids=stop) if mine else []
+                    stop_ids=stop, max_batch=args.rollout_rows or None) if mine else []
     seqs_s = [r["prompt"] + student_response(o.tokens, o.stopped, eot) for r, o in zip(mine, outs)]
     seqs_t = [r["prompt"] + r["teacher_ids"] for r in mine]
     d_s, d_t = score(D, seqs_s, args.token_budget, device), score(D, seqs_t, args.token_budget, device)
@@ -524,7 +527,8 @@ def main(argv=None):
             samples = generate(G, [r["prompt"] for r in batch], n=n, max_new_tokens=args.max_new_tokens,
                                temperature=T, top_p=args.top_p, stop_ids=stop,
                                seed=[(args.seed * 1_000_003 + step * args.prompts_per_step + rank + k * world) % 2**32
-                                     for k in range(P)])  # per global prompt: the same samples on any world size
+                                     for k in range(P)],  # per global prompt: the same samples on any world size
+                               max_batch=args.rollout_rows or None)
             student_seqs = [batch[s.prompt_index]["prompt"] + student_response(s.tokens, s.stopped, eot)
                             for s in samples]
             t1 = time.time()
