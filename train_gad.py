@@ -60,9 +60,9 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue the run in --out-dir from its newest checkpoint")
     # schedule; the scale defaults are the demo's, the paper's values are in the docstring
     a("--max-steps", type=int, default=24, help="total steps, warmup included")
-    a("--warmup-steps", type=int, default=12, help="SFT warmup steps before GAD (paper: ~1 epoch)")
+    a("--warmup-steps", type=int, default=18, help="SFT warmup steps before GAD (paper: ~1 epoch)")
     a("--d-only-steps", type=int, default=10, help="the first warmup steps train D only")
-    a("--prompts-per-step", type=int, default=4, help="global batch of prompts per step (paper: 256)")
+    a("--prompts-per-step", type=int, default=2, help="global batch of prompts per step (paper: 256)")
     a("--max-new-tokens", type=int, default=48, help="response limit for samples and teacher (paper: 1536)")
     a("--max-prompt-len", type=int, default=2048, help="longer prompts are skipped and counted")
     a("--token-budget", type=int, default=2048, help="padded tokens per micro-batch: any batch fits memory")
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     a("--dual-clip", type=float, default=3.0, help="dual-clip bound c for negative advantages")
     a("--kl-coef", type=float, default=0.001, help="k3-KL to the reference (G at the end of warmup); 0: no ref")
     # optimisation: AdamW, constant lr; the paper uses 1e-6 for both (SeqKD 5e-6), the demo more
-    a("--lr", type=float, default=2e-5, help="generator lr (paper: 1e-6; SeqKD 5e-6)")
+    a("--lr", type=float, default=1e-4, help="generator lr (paper: 1e-6; SeqKD 5e-6)")
     a("--d-lr", type=float, default=2e-5, help="discriminator lr (paper: 1e-6)")
     a("--weight-decay", type=float, default=0.01)
     a("--beta1", type=float, default=0.9)
