@@ -180,6 +180,8 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.prefill = True
+        self.span = None  # an upper bound of lengths.max() + 1 known on the host, if any
+        self.mask = None
 
     def select(self, rows):
         """Keep only the given rows (drop finished rows, or repeat prompts n times)."""
@@ -231,8 +233,8 @@ class Attention(nn.Module):
             K, V = cache.k[self.layer_idx], cache.v[self.layer_idx]
             K[rows, :, pos] = k[:, 0]
             V[rows, :, pos] = v[:, 0]
-            S = int(pos.max()) + 1  # attend over the longest valid prefix only, not the whole buffer
-            mask = (torch.arange(S, device=x.device)[None, :] <= pos[:, None])[:, None, None, :]
+            mask = cache.mask  # built once per step for all layers (see Transformer.forward)
+            S = mask.shape[-1]
             y = F.scaled_dot_product_attention(q.transpose(1, 2), K[:, :, :S], V[:, :, :S], attn_mask=mask,
                                                enable_gqa=self.n_kv != self.n_head)
             y = y.transpose(1, 2)
@@ -303,6 +305,11 @@ class Transformer(nn.Module):
         pos = position_ids.float()[..., None] * self.inv_freq.float()  # [B, T, hd/2]
         emb = torch.cat((pos, pos), dim=-1)
         x = self.model.embed_tokens(idx)
+        if cache is not None and not cache.prefill:
+            # attend over the longest valid prefix only, not the whole buffer; `span` is a host-side
+            # bound from the sampler, so no layer has to sync with the device to find it
+            S = cache.span or int(cache.lengths.max()) + 1
+            cache.mask = (torch.arange(S, device=idx.device)[None, :] <= cache.lengths[:, None])[:, None, None, :]
         cos = emb.cos().to(x.dtype)[:, :, None, :]  # broadcast over heads in [B, T, H, hd]
         sin = emb.sin().to(x.dtype)[:, :, None, :]
         for block in self.model.layers:
@@ -595,11 +602,13 @@ def stop_token_ids(tok):
 # -----------------------------------------------------------------------------
 # log-probs of chosen tokens, in chunks
 
-LOGPROB_CHUNK = 1024  # tokens per chunk: 1024 x 152K vocab x fp32 = 0.6 GB at most at a time
+LOGPROB_CHUNK = 512  # tokens per chunk: 512 x 152K vocab x fp32 = 0.3 GB per [chunk, V] buffer
 
 
 def _chunk_logprobs(h, w, t, temperature, want_entropy):
-    logits = (h @ w.t()).float() / temperature
+    logits = (h @ w.t()).float()
+    if temperature != 1.0:  # no extra [chunk, V] copy in the common case
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
     if not want_entropy:
@@ -778,6 +787,7 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, s
                 break
             live, ids, keys = live[keep], ids[keep], keys[keep]
             cache.select(keep)
+        cache.span = T0 + t + 1  # every live row is at most T0 + t long before this token
         logits = model(ids[:, None], cache=cache)[:, -1]
 
     out_tok, out_lp, out_len, stopped = out_tok.tolist(), out_lp.tolist(), out_len.tolist(), stopped.tolist()
