@@ -315,8 +315,8 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             x = block(x, cos, sin, cache)
         x = self.model.norm(x)
-        if cache is not None:
-            cache.lengths = cache.lengths + T if not cache.prefill else cache.lengths
+        if cache is not None and not cache.prefill:
+            cache.lengths = cache.lengths + T
         if hidden:
             return x
         if targets is not None:

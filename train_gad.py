@@ -153,6 +153,11 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def full(t):
+    """A float from a value FSDP may hand back as a DTensor (the clipped total grad norm)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def full_state_dict(model):
     """The gathered, unsharded weights on rank 0 (empty elsewhere), for HF-format export."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -440,6 +445,17 @@ def main(argv=None):
     d_opt = torch.optim.AdamW(D.parameters(), lr=args.d_lr, **adamw) if D is not None else None
     ref = None
 
+    def new_reference():
+        """The reference policy's module, sharded like G; its weights are copied in by the caller."""
+        return shard(Transformer.from_pretrained(g_path), device, mixed, False).requires_grad_(False)
+
+    def write_eval(res, at_step):
+        if master:
+            with open(os.path.join(args.out_dir, f"eval-{at_step:06d}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in res)
+        log(f"eval step {at_step}: " + " ".join(f"{k} {v:.3f}" for k, v in eval_summary(res, markers).items()
+                                                if v is not None))
+
     # data: a seeded permutation per epoch; each rank takes every world-th prompt of a global batch
     rows, skipped = load_rows(args.train_data, tok, eot, args.max_prompt_len, args.max_new_tokens)
     eval_rows = load_rows(args.eval_data, tok, eot, args.max_prompt_len, args.max_new_tokens)[0][:args.eval_prompts] \
@@ -456,7 +472,7 @@ def main(argv=None):
             sys.exit(f"train_gad.py: {ck} was written by {st['world']} processes; resume with the same number")
         saved = load_file(os.path.join(ck, "resume", f"rank{rank:05d}.safetensors"))
         if st["has_ref"]:
-            ref = shard(Transformer.from_pretrained(g_path), device, mixed, False).requires_grad_(False)
+            ref = new_reference()
         for key, m in (("G", G), ("D", D), ("R", ref)):
             for n, p in (m.named_parameters() if m is not None else []):
                 local(p).data.copy_(saved[f"{key}.{n}"])
@@ -500,11 +516,7 @@ def main(argv=None):
     first_eval = None
     if D is not None and eval_rows and step == 0:
         first_eval = run_eval(G, D, eval_rows, args, tok, stop, eot, rank, world, device)
-        if master:
-            with open(os.path.join(args.out_dir, "eval-000000.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in first_eval)
-            log("eval step 0: " + " ".join(f"{k} {v:.3f}" for k, v in eval_summary(first_eval, markers).items()
-                                          if v is not None))
+        write_eval(first_eval, 0)
 
     last_ckpt = latest_checkpoint(args.out_dir)
     t_run, start_step = time.time(), step
@@ -513,7 +525,7 @@ def main(argv=None):
                                                       else "warmup" if step < args.warmup_steps else "gad")
         if stage == "gad" and ref is None and args.kl_coef > 0:
             # the reference policy is G as it is at the end of warmup, frozen
-            ref = shard(Transformer.from_pretrained(g_path), device, mixed, False).requires_grad_(False)
+            ref = new_reference()
             for pr, pg in zip(ref.parameters(), G.parameters()):
                 local(pr).data.copy_(local(pg).data)
         t0 = time.time()
@@ -572,8 +584,7 @@ def main(argv=None):
             tok_sum, cut_sum = all_sum(sum(lens_s), cut)
             m.update(d_loss=d_loss / n_pairs, d_acc=d_acc / n_pairs, r_teacher=rt_sum / (n_pairs / n),
                      r_student=rs_sum / n_pairs, reward_std=math.sqrt(max(0.0, rs_sq / n_pairs - (rs_sum / n_pairs) ** 2)),
-                     zero_adv_frac=zero_adv[0] / zero_adv[1], d_grad_norm=float(local(d_gnorm.full_tensor()
-                     if hasattr(d_gnorm, "full_tensor") else d_gnorm)),
+                     zero_adv_frac=zero_adv[0] / zero_adv[1], d_grad_norm=full(d_gnorm),
                      resp_len_mean=tok_sum / n_pairs, resp_len_max=all_max(max(lens_s)), cut_frac=cut_sum / n_pairs,
                      t_sample=t1 - t0, t_score=t2 - t1, t_d=t3 - t2)
         else:
@@ -586,18 +597,20 @@ def main(argv=None):
             seqs, weights, prompt_lens = teacher_seqs, [1.0] * P, [len(r["prompt"]) for r in batch]
         elif stage == "gad":
             # PPO on the student's own samples with the group advantages, + k3-KL to the reference
-            seqs, weights = student_seqs, adv.tolist()
+            # the tokens G actually sampled (D's copies end in the canonical end-of-turn token instead)
+            seqs = [batch[s.prompt_index]["prompt"] + s.tokens for s in samples]
+            weights = adv.tolist()
             prompt_lens = [len(batch[s.prompt_index]["prompt"]) for s in samples]
         if stage != "d_only":
             n_tok = all_sum(sum(len(s) - pl for s, pl in zip(seqs, prompt_lens)))[0]
             sums = dict(loss=0.0, pg=0.0, kl=0.0, ent=0.0, clip=0.0)
+            temp = args.sft_temperature if stage != "gad" else T
             g_opt.zero_grad(set_to_none=True)
             for g in microbatches([len(s) for s in seqs], args.token_budget):
                 idx, lens = pad([seqs[i] for i in g], device)
                 mask = response_mask(idx, torch.tensor([prompt_lens[i] for i in g] or [2], device=device), lens)
                 if not g:
                     mask = mask * 0
-                temp = args.sft_temperature if stage != "gad" else T
                 logp, ent = G(idx[:, :-1], targets=idx[:, 1:], temperature=temp, entropy=True)
                 if stage == "gad":
                     a = torch.tensor([weights[i] for i in g] or [0.0], device=device)[:, None].expand_as(logp)
@@ -625,7 +638,7 @@ def main(argv=None):
                 sys.exit(f"train_gad.py: step {step}: G loss is {tot['loss']}; stopping. Last good checkpoint: {last_ckpt}")
             g_opt.step()
             m.update({("sft_loss" if stage != "gad" else "g_loss"): tot["loss"] / n_tok, "entropy": tot["ent"] / n_tok,
-                      "g_grad_norm": float(g_gnorm.full_tensor() if hasattr(g_gnorm, "full_tensor") else g_gnorm)})
+                      "g_grad_norm": full(g_gnorm)})
             if stage == "gad":
                 m.update(policy_loss=tot["pg"] / n_tok, kl=tot["kl"] / n_tok, clip_frac=tot["clip"] / n_tok)
             tok_sum += n_tok
@@ -644,12 +657,7 @@ def main(argv=None):
                 wandb.log(m, step=m["step"])
 
         if D is not None and eval_rows and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            res = run_eval(G, D, eval_rows, args, tok, stop, eot, rank, world, device)
-            if master:
-                with open(os.path.join(args.out_dir, f"eval-{step:06d}.jsonl"), "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in res)
-                log(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in eval_summary(res, markers).items()
-                                                     if v is not None))
+            write_eval(run_eval(G, D, eval_rows, args, tok, stop, eot, rank, world, device), step)
         if step == args.max_steps or (args.save_every and step % args.save_every == 0):
             state = dict(step=step, epoch=epoch, cursor=cursor, world=world, has_ref=ref is not None,
                          args=vars(args))
@@ -660,11 +668,8 @@ def main(argv=None):
     # the end: what changed on held-out prompts; the step-0 answers are rescored by the final D
     if D is not None and eval_rows:
         res = run_eval(G, D, eval_rows, args, tok, stop, eot, rank, world, device)
-        if master:
-            with open(os.path.join(args.out_dir, f"eval-{step:06d}.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in res)
+        write_eval(res, step)
         after = eval_summary(res, markers)
-        log("final eval: " + " ".join(f"{k} {v:.3f}" for k, v in after.items() if v is not None))
         if first_eval is not None:
             before = eval_summary(first_eval, markers)
             mine = first_eval[rank::world]

@@ -105,13 +105,10 @@ def test_token_logprobs_equals_naive_with_grads(tiny):
         (ref * w).sum().backward()
         g_ref = {n: p.grad.clone() for n, p in ours.named_parameters()}
         ours.zero_grad()
-        import model as M
-        old, M.LOGPROB_CHUNK = M.LOGPROB_CHUNK, 16  # several chunks, one of them ragged
-        try:
-            got, ent = M.chunked_logprobs(ours(ids[:, :-1], hidden=True), ours.lm_head.weight, ids[:, 1:],
-                                          temperature, entropy=True, chunk=16)
-        finally:
-            M.LOGPROB_CHUNK = old
+        from model import chunked_logprobs
+        # chunks of 16 over 3 x 39 tokens: several chunks, the last one ragged
+        got, ent = chunked_logprobs(ours(ids[:, :-1], hidden=True), ours.lm_head.weight, ids[:, 1:],
+                                    temperature, entropy=True, chunk=16)
         (got * w).sum().backward()
         assert torch.allclose(got, ref, atol=1e-5)
         for n, p in ours.named_parameters():
