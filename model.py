@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 try:  # optional, CUDA only
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
 
 
 class LoadError(Exception):
@@ -172,13 +172,20 @@ def rotate_half(x):
 class KVCache:
     """Per-layer K/V for a batch of ragged rows. Row b holds `lengths[b]` valid positions; a new
     token of row b is written at position lengths[b], so rows of different lengths never need
-    left padding and their position ids stay 0, 1, 2, ..."""
+    left padding and their position ids stay 0, 1, 2, ...
 
-    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
-        shape = (batch, n_kv_heads, max_len, head_dim)
+    The prefill takes the prompts packed back to back in one row ([1, sum of lengths]), so no
+    compute goes to padding: `rows` and `pos` say where each packed token lives in the cache."""
+
+    def __init__(self, n_layers, prompt_lens, n_kv_heads, max_len, head_dim, dtype, device):
+        shape = (len(prompt_lens), n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.prompt_lens = list(prompt_lens)
+        self.lengths = torch.tensor(self.prompt_lens, device=device)
+        self.rows = torch.arange(len(prompt_lens), device=device).repeat_interleave(self.lengths)
+        self.pos = torch.cat([torch.arange(n, device=device) for n in self.prompt_lens])
+        self.cu_seqlens = F.pad(self.lengths.cumsum(0), (1, 0)).int()  # flash-attn's varlen layout
         self.prefill = True
         self.span = None  # an upper bound of lengths.max() + 1 known on the host, if any
         self.mask = None
@@ -214,18 +221,29 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        if cache is None or cache.prefill:
+        if cache is None:
             # Causal attention over right-padded rows: a valid token only sees earlier tokens of
             # its own row, so padding needs no mask (its outputs are garbage and never used).
-            if cache is not None:
-                cache.k[self.layer_idx][:, :, :T] = k.transpose(1, 2)
-                cache.v[self.layer_idx][:, :, :T] = v.transpose(1, 2)
             if flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
                 y = flash_attn_func(q, k, v, causal=True)
             else:
                 y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    is_causal=True, enable_gqa=self.n_kv != self.n_head)
                 y = y.transpose(1, 2)
+        elif cache.prefill:
+            # prompts packed in one row: store each token's K/V in its prompt's cache row, and
+            # attend causally within each prompt
+            cache.k[self.layer_idx][cache.rows, :, cache.pos] = k[0]
+            cache.v[self.layer_idx][cache.rows, :, cache.pos] = v[0]
+            if flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+                longest = max(cache.prompt_lens)
+                y = flash_attn_varlen_func(q[0], k[0], v[0], cache.cu_seqlens, cache.cu_seqlens, longest, longest,
+                                           causal=True)[None]
+            else:
+                parts = zip(*(t[0].transpose(0, 1).split(cache.prompt_lens, dim=1) for t in (q, k, v)))
+                y = torch.cat([F.scaled_dot_product_attention(qi, ki, vi, is_causal=True,
+                                                              enable_gqa=self.n_kv != self.n_head)
+                               for qi, ki, vi in parts], dim=1).transpose(0, 1)[None]
         else:
             # one decode step: write each row's new K/V at its own length, attend to what is valid
             pos = cache.lengths
@@ -289,23 +307,26 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, idx, position_ids=None, cache=None, logits_index=None, targets=None,
-                temperature=1.0, entropy=False, hidden=False):
+    def forward(self, idx, position_ids=None, cache=None, targets=None, temperature=1.0, entropy=False,
+                hidden=False):
         """idx [B, T] (right-padded rows are fine). Returns, by what is asked:
         hidden=True        -> final normed hidden states [B, T, C] (no LM head)
         targets [B, T]     -> (log p(targets) [B, T], entropy [B, T] or None), computed in chunks
-        logits_index [B]   -> logits [B, V] at one position per row (prefill of the sampler)
+        cache, prefill     -> idx is [1, all prompts packed]: logits [P, V] at each prompt's last token
+        cache, decode      -> idx is [B, 1], one new token per cache row: logits [B, 1, V]
         otherwise          -> logits [B, T, V]
         Everything goes through forward so that FSDP2's hooks gather the root's weights."""
         B, T = idx.shape
+        decode = cache is not None and not cache.prefill
         if position_ids is None:
-            start = 0 if cache is None or cache.prefill else cache.lengths
-            position_ids = torch.arange(T, device=idx.device)[None, :] + (
-                start[:, None] if torch.is_tensor(start) else start)
+            if cache is None:
+                position_ids = torch.arange(T, device=idx.device)[None, :]
+            else:
+                position_ids = cache.lengths[:, None] if decode else cache.pos[None, :]
         pos = position_ids.float()[..., None] * self.inv_freq.float()  # [B, T, hd/2]
         emb = torch.cat((pos, pos), dim=-1)
         x = self.model.embed_tokens(idx)
-        if cache is not None and not cache.prefill:
+        if decode:
             # attend over the longest valid prefix only, not the whole buffer; `span` is a host-side
             # bound from the sampler, so no layer has to sync with the device to find it
             S = cache.span or int(cache.lengths.max()) + 1
@@ -315,14 +336,14 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             x = block(x, cos, sin, cache)
         x = self.model.norm(x)
-        if cache is not None and not cache.prefill:
-            cache.lengths = cache.lengths + T
+        if decode:
+            cache.lengths = cache.lengths + 1
         if hidden:
             return x
         if targets is not None:
             return chunked_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
-        if logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index]
+        if cache is not None and cache.prefill:
+            x = x[0, cache.cu_seqlens[1:] - 1]
         return self.lm_head(x).float()
 
     # -- loading and saving --------------------------------------------------------------------
@@ -671,30 +692,39 @@ def hash32(x):
     return (x >> 16) ^ x
 
 
-def uniforms(keys, t, V):
-    """[B, V] uniforms in (0, 1) that depend only on (row key, step t, token id): a row's sample
-    never depends on which other rows share its batch, how many processes split the work, or when
-    other rows finished, so a run is reproducible across batch sizes and world sizes."""
-    base = hash32((keys * 0x9E3779B1 + t) & M32)
-    u = hash32((base[:, None] * 0x85EBCA6B + torch.arange(V, device=keys.device)[None, :]) & M32)
+def uniforms(keys, t):
+    """One uniform in (0, 1) per row that depends only on (row key, step t): a row's sample never
+    depends on which other rows share its batch, how many processes split the work, or when other
+    rows finished, so a run is reproducible across batch sizes and world sizes."""
+    u = hash32((hash32((keys * 0x9E3779B1 + t) & M32) * 0x85EBCA6B + 0x6A09E667) & M32)
     return (u.double() + 0.5) / 2.0**32
 
 
 def next_token(logits, temperature, top_p, keys, t):
     """Pick the next token of each row; returns (ids, log p of the ids under logits / temperature).
-    Sampling is the Gumbel-max trick, exact for the (top-p truncated) softmax distribution."""
+    Sampling inverts each row's CDF (accumulated in float64) at one hashed uniform: exact for the
+    (top-p truncated) softmax, and a few passes over [B, V] where per-token noise would take many."""
     if temperature == 0:
         ids = logits.argmax(-1)
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
         return ids, logp
-    logp_all = torch.log_softmax(logits / temperature, -1)
-    masked = logp_all
+    logits = logits / temperature
+    logp_all, p = torch.log_softmax(logits, -1), torch.softmax(logits, -1)
     if top_p < 1.0:
-        sp, si = logp_all.exp().sort(-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
-        masked = logp_all.masked_fill(torch.zeros_like(drop).scatter_(-1, si, drop), float("-inf"))
-    gumbel = -torch.log(-torch.log(uniforms(keys, t, logits.shape[-1])))
-    ids = (masked.double() + gumbel).argmax(-1)
+        p, order = p.sort(-1, descending=True)
+    cdf = p.double().cumsum(-1)
+    if top_p < 1.0:
+        # keep the smallest prefix whose mass reaches top_p, and sample within its mass
+        kept = ((cdf - p) <= top_p).sum(-1, keepdim=True)
+        mass = cdf.gather(-1, kept - 1)
+    else:
+        mass = cdf[:, -1:]
+    u = uniforms(keys, t)[:, None] * mass
+    # the first token whose CDF exceeds u; it has p > 0, as the CDF rises past u exactly there
+    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
+    if top_p < 1.0:
+        ids = order.gather(-1, ids)
+    ids = ids.squeeze(-1)
     return ids, logp_all.gather(-1, ids[:, None]).squeeze(-1)
 
 
@@ -708,10 +738,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0
              max_batch=None):
     """Sample n responses per prompt (lists of token ids, any lengths). Prompt-major results.
 
-    Prefill runs once per prompt; its K/V is repeated n times. Then one decode step for all live
-    rows; a row ends at its first stop token (kept) or at max_new_tokens, and finished rows leave
-    the batch so they cost nothing more. On an FSDP2 model, every shard is gathered once for the
-    whole rollout instead of once per layer per token. `max_batch` bounds the rows decoded at once.
+    The prompts are prefilled once each, packed back to back with no padding; their K/V is
+    repeated n times. Then one decode step for all rows; a row ends at its first stop token (kept)
+    or at max_new_tokens, and ended rows leave the batch once a quarter of it has ended. On an
+    FSDP2 model, every shard is gathered once for the whole rollout instead of once per layer per
+    token. `max_batch` bounds the rows decoded at once.
     `seed` is an int or one int per prompt; sample j of a prompt depends only on (its seed, j)."""
     if seed is None:
         seed = int(torch.randint(2**31, ()).item())
@@ -749,45 +780,45 @@ def _generate(model, prompts, n, max_new_tokens, temperature, top_p, stop_ids, s
     P = len(prompts)
     keys = hash32((torch.tensor(seed, device=device).repeat_interleave(n) * 31 +
                    torch.arange(n, device=device).repeat(P)) & M32)  # one key per (prompt, draw)
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    if int(lens.min()) == 0:
+    if min(map(len, prompts)) == 0:
         raise ValueError("generate: empty prompt")
-    T0 = int(lens.max())
-    idx = torch.zeros(P, T0, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        idx[i, :len(p)] = torch.tensor(p, device=device)
-
-    cache = KVCache(cfg.num_hidden_layers, P, cfg.num_key_value_heads, T0 + max_new_tokens, cfg.head_dim,
-                    dtype, device)
-    logits = model(idx, cache=cache, logits_index=lens - 1)  # prefill, right-padded
+    T0 = max(map(len, prompts))
+    cache = KVCache(cfg.num_hidden_layers, [len(p) for p in prompts], cfg.num_key_value_heads,
+                    T0 + max_new_tokens, cfg.head_dim, dtype, device)
+    packed = torch.tensor([t for p in prompts for t in p], device=device)[None]
+    logits = model(packed, cache=cache)  # prefill: logits at each prompt's last token
     cache.prefill = False
-    cache.lengths = lens.clone()
     rows = torch.arange(P, device=device).repeat_interleave(n)  # sample i*n+j is prompt i, draw j
     cache.select(rows)
     logits = logits.index_select(0, rows)
 
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     live = torch.arange(P * n, device=device)  # the output row of each batch row
+    running = torch.ones(P * n, dtype=torch.bool, device=device)
     out_tok = torch.zeros(P * n, max_new_tokens, dtype=torch.long, device=device)
     out_lp = torch.zeros(P * n, max_new_tokens, device=device)
     out_len = torch.zeros(P * n, dtype=torch.long, device=device)
     stopped = torch.zeros(P * n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         ids, lp = next_token(logits, temperature, top_p, keys, t)
-        out_tok[live, t] = ids
+        out_tok[live, t] = ids  # a row that has ended writes past its length, which is never read
         out_lp[live, t] = lp
-        out_len[live] = t + 1
-        done = torch.isin(ids, stop)
-        stopped[live] = done
+        out_len[live] += running
+        done = running & torch.isin(ids, stop)
+        stopped[live] |= done
+        running &= ~done
         if t == max_new_tokens - 1:
             break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(-1)
-            if keep.numel() == 0:
-                break
-            live, ids, keys = live[keep], ids[keep], keys[keep]
+        left = int(running.sum())
+        if left == 0:
+            break
+        if left <= 0.75 * len(live):
+            # drop ended rows once a quarter of the batch has ended: each compaction copies the
+            # whole cache, so doing it whenever any row ends would copy it nearly every step
+            keep = running.nonzero().squeeze(-1)
+            live, ids, keys, running = live[keep], ids[keep], keys[keep], running[keep]
             cache.select(keep)
-        cache.span = T0 + t + 1  # every live row is at most T0 + t long before this token
+        cache.span = T0 + t + 1  # every row is at most T0 + t long before this token
         logits = model(ids[:, None], cache=cache)[:, -1]
 
     out_tok, out_lp, out_len, stopped = out_tok.tolist(), out_lp.tolist(), out_len.tolist(), stopped.tolist()

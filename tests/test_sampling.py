@@ -56,6 +56,31 @@ def test_stops_and_max_new_tokens(tiny):
     assert got[1].stopped and len(got[1].tokens) <= 5
 
 
+def test_rows_ending_at_different_steps(tiny, monkeypatch):
+    # rows end at many different steps; ended rows are dropped from the batch in a few compactions
+    # (each copies the cache), and no row's sample depends on when the others ended
+    import model
+    _, ours = tiny
+    prompts = prompts_of([7, 2, 15, 4], 97, seed=6)
+    stop = list(range(3, 13))  # ~10% of the vocab: rows end after a few to a few dozen tokens
+    sizes = []
+    select = model.KVCache.select
+    monkeypatch.setattr(model.KVCache, "select", lambda self, rows: (sizes.append(len(rows)), select(self, rows)))
+    got = generate(ours, prompts, n=4, max_new_tokens=40, temperature=1.0, stop_ids=stop, seed=[5, 6, 7, 8])
+    ends = {len(s.tokens) for s in got if s.stopped}
+    assert len(ends) >= 4, ends
+    assert sizes[0] == 16 and all(b <= 0.75 * a for a, b in zip(sizes[1:], sizes[2:])), sizes
+    assert len(sizes) - 1 < len(ends), (sizes, ends)  # fewer compactions than distinct end steps
+    for s in got:
+        assert s.stopped == (s.tokens[-1] in stop) and not set(s.tokens[:-1]) & set(stop)
+        assert s.stopped or len(s.tokens) == 40
+    for i, p in enumerate(prompts):
+        alone = generate(ours, [p], n=4, max_new_tokens=40, temperature=1.0, stop_ids=stop, seed=[5 + i])
+        assert [s.tokens for s in alone] == [s.tokens for s in got[4 * i:4 * i + 4]]
+        for a, b in zip(alone, got[4 * i:4 * i + 4]):
+            assert a.stopped == b.stopped and max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+
+
 def test_sampler_logprobs_equal_teacher_forced(tiny):
     _, ours = tiny
     prompts = prompts_of([4, 19, 11, 7], 97, seed=2)
