@@ -712,7 +712,7 @@ def next_token(logits, temperature, top_p, keys, t):
     logp_all, p = torch.log_softmax(logits, -1), torch.softmax(logits, -1)
     if top_p < 1.0:
         p, order = p.sort(-1, descending=True)
-    cdf = p.double().cumsum(-1)
+    cdf = p.cumsum(-1, dtype=torch.float64)
     if top_p < 1.0:
         # keep the smallest prefix whose mass reaches top_p, and sample within its mass
         kept = ((cdf - p) <= top_p).sum(-1, keepdim=True)
