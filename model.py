@@ -253,9 +253,10 @@ class Attention(nn.Module):
             V[rows, :, pos] = v[:, 0]
             mask = cache.mask  # built once per step for all layers (see Transformer.forward)
             S = mask.shape[-1]
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), K[:, :, :S], V[:, :, :S], attn_mask=mask,
-                                               enable_gqa=self.n_kv != self.n_head)
-            y = y.transpose(1, 2)
+            # the query heads that share a K/V head go in as that head's queries, so each K/V head
+            # is read once per step rather than once per query head (decode is bound by these reads)
+            qg = q.view(B, self.n_kv, self.n_head // self.n_kv, self.hd)
+            y = F.scaled_dot_product_attention(qg, K[:, :, :S], V[:, :, :S], attn_mask=mask)
         return self.o_proj(y.reshape(B, T, self.n_head * self.hd))
 
 
