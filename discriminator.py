@@ -10,7 +10,7 @@ teacher's answer above the student's, and its raw score is the student's reward.
 
 The saved directory loads in transformers as Qwen2ForSequenceClassification /
 LlamaForSequenceClassification / Qwen3ForSequenceClassification with num_labels=1 and gives the
-same scores (see tests/test_discriminator.py).
+same scores (see tests/test_train.py::test_discriminator_hf_checkpoint).
 """
 
 import json

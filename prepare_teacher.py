@@ -709,10 +709,12 @@ def local(args, col, todo):
     def work(batch):
         prompts = [render_prompt(tok, job["sent"]) for job in batch]
         with torch.no_grad():
+            # a seed per request, so an answer does not depend on its batch (or on a resume)
+            seeds = [(int(job["key"][:8], 16) + args.seed) % 2**32 for job in batch]
             outs = generate(model, prompts, n=1, max_new_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=1.0, stop_ids=stop, seed=args.seed)
+                            top_p=1.0, stop_ids=stop, seed=seeds)
         for job, ids, o in zip(batch, prompts, outs):
-            tokens = o.tokens[:-1] if o.stopped and o.tokens and o.tokens[-1] in stop else o.tokens
+            tokens = o.tokens[:-1] if o.stopped else o.tokens  # the stop token is not part of the text
             col.finish(job, tok.decode(tokens, skip_special_tokens=True), "stop" if o.stopped else "length",
                        {"prompt_tokens": len(ids), "completion_tokens": len(o.tokens)})
 

@@ -6,7 +6,7 @@ score the teacher's answer above G's; G is trained on-policy with D's score as i
 stage first trains G by SFT on the teacher's answers (after some D-only steps), then the GAD stage
 runs PPO-style updates of G against the co-trained D. `--mode seqkd` is the SFT-only baseline.
 
-The CPU demo (SmolLM2-135M learns a hidden persona from its teacher's answers; ~15 min on 2 cores):
+The CPU demo (SmolLM2-135M learns a hidden persona from its teacher's answers; ~12 min on 2 cores):
     torchrun --standalone --nproc_per_node=2 train_gad.py
 One process, or N GPUs (FSDP2), or several nodes through torchrun's own flags:
     python train_gad.py --max-steps 4
@@ -446,8 +446,13 @@ def main(argv=None):
     ref = None
 
     def new_reference():
-        """The reference policy's module, sharded like G; its weights are copied in by the caller."""
-        return shard(Transformer.from_pretrained(g_path), device, mixed, False).requires_grad_(False)
+        """The reference policy's module, sharded like G; the caller copies G's (or saved) shards in,
+        so nothing is read from disk again."""
+        with torch.device("meta"):
+            r = Transformer(G.config)
+        r = shard(r, device, mixed, False).to_empty(device=device).requires_grad_(False)
+        r.inv_freq = G.inv_freq.clone()  # a buffer: to_empty left it uninitialised
+        return r
 
     def write_eval(res, at_step):
         if master:
@@ -571,20 +576,17 @@ def main(argv=None):
                 (loss * world / n_pairs).backward()  # FSDP averages gradients over ranks
             d_gnorm = torch.nn.utils.clip_grad_norm_(d_opt.param_groups[0]["params"], args.grad_clip)
             pair_t = r_t.repeat_interleave(n)
-            d_loss, d_acc, rt_sum, rs_sum, rs_sq = all_sum(bt_loss(pair_t, r_s) * P * n,
-                                                           d_accuracy(pair_t, r_s) * P * n,
-                                                           r_t.sum(), r_s.sum(), (r_s ** 2).sum())
+            lens_s = [len(s.tokens) for s in samples]
+            d_loss, d_acc, rt_sum, rs_sum, rs_sq, zero_adv, tok_sum, cut_sum = all_sum(
+                bt_loss(pair_t, r_s) * P * n, d_accuracy(pair_t, r_s) * P * n, r_t.sum(), r_s.sum(), (r_s ** 2).sum(),
+                (r_s.view(P, n).std(-1) == 0).sum(), sum(lens_s), sum(not s.stopped for s in samples))
             if not math.isfinite(d_loss):
                 sys.exit(f"train_gad.py: step {step}: D loss is {d_loss}; stopping. Last good checkpoint: {last_ckpt}")
             d_opt.step()
             t3 = time.time()
-            zero_adv = all_sum((r_s.view(P, n).std(-1) == 0).sum(), P)
-            lens_s = [len(s.tokens) for s in samples]
-            cut = sum(not s.stopped for s in samples)
-            tok_sum, cut_sum = all_sum(sum(lens_s), cut)
             m.update(d_loss=d_loss / n_pairs, d_acc=d_acc / n_pairs, r_teacher=rt_sum / (n_pairs / n),
                      r_student=rs_sum / n_pairs, reward_std=math.sqrt(max(0.0, rs_sq / n_pairs - (rs_sum / n_pairs) ** 2)),
-                     zero_adv_frac=zero_adv[0] / zero_adv[1], d_grad_norm=full(d_gnorm),
+                     zero_adv_frac=zero_adv / (n_pairs / n), d_grad_norm=full(d_gnorm),
                      resp_len_mean=tok_sum / n_pairs, resp_len_max=all_max(max(lens_s)), cut_frac=cut_sum / n_pairs,
                      t_sample=t1 - t0, t_score=t2 - t1, t_d=t3 - t2)
         else:
@@ -594,12 +596,11 @@ def main(argv=None):
         # 5. G update
         if stage in ("warmup", "seqkd"):
             # SFT on the teacher's answers: token-mean NLL over the global batch, on logits / 0.8 by default
-            seqs, weights, prompt_lens = teacher_seqs, [1.0] * P, [len(r["prompt"]) for r in batch]
+            seqs, prompt_lens = teacher_seqs, [len(r["prompt"]) for r in batch]
         elif stage == "gad":
             # PPO on the student's own samples with the group advantages, + k3-KL to the reference
             # the tokens G actually sampled (D's copies end in the canonical end-of-turn token instead)
             seqs = [batch[s.prompt_index]["prompt"] + s.tokens for s in samples]
-            weights = adv.tolist()
             prompt_lens = [len(batch[s.prompt_index]["prompt"]) for s in samples]
         if stage != "d_only":
             n_tok = all_sum(sum(len(s) - pl for s, pl in zip(seqs, prompt_lens)))[0]
@@ -613,7 +614,7 @@ def main(argv=None):
                     mask = mask * 0
                 logp, ent = G(idx[:, :-1], targets=idx[:, 1:], temperature=temp, entropy=True)
                 if stage == "gad":
-                    a = torch.tensor([weights[i] for i in g] or [0.0], device=device)[:, None].expand_as(logp)
+                    a = (adv[g] if g else torch.zeros(1)).to(device)[:, None].expand_as(logp)
                     pg, clipped = ppo_loss(logp, logp.detach(), a, args.clip_eps, args.dual_clip)
                     tok_loss = pg
                     if ref is not None:

@@ -489,3 +489,11 @@ def test_local_backend_with_model_py(tmp_path, tiny_ckpt):
     assert all(r["usage"]["completion_tokens"] <= 6 and r["system"] == "Be brief." for r in rows.values())
     pt.main(args)
     assert len(lines(out)) == 3
+    # sampled answers depend on the request, not on the batch it went in: batch sizes 1 and 3 agree
+    texts = []
+    for bs in ("1", "3"):
+        o = tmp_path / f"s{bs}.jsonl"
+        pt.main(args[:6] + ["--out", str(o), "--max-tokens", "6", "--batch-size", bs, "--temperature", "1.0",
+                            "--keep-truncated"])
+        texts.append({k: r["teacher"] for k, r in unique_by(lines(o), "id").items()})
+    assert texts[0] == texts[1] and len(set(texts[0].values())) == 3, texts

@@ -192,7 +192,7 @@ def test_greedy_matches_transformers_smollm2(smollm2_path):
 
 def test_sampler_distribution_and_batch_invariance(tiny):
     from model import next_token
-    # the hashed Gumbel-max draws follow softmax(logits / T), with top-p truncation
+    # the inverse-CDF draws follow softmax(logits / T), with top-p truncation
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
     keys = torch.arange(20000)
     for T, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
