@@ -3,9 +3,10 @@ The discriminator D of GAD: the student's backbone with a scalar head. D(x, y) i
 at the last valid token of prompt + response; it is trained with the Bradley-Terry loss to score the
 teacher's answer above the student's, and its raw score is the student's reward.
 
-    from discriminator import Discriminator, bt_loss
+    from discriminator import Discriminator, pair_loss
     D = Discriminator.from_pretrained("Qwen/Qwen2.5-7B-Instruct")  # student weights + a fresh head
     scores = D(input_ids, lengths)                                  # one score per row
+    loss = pair_loss("bt", scores_teacher, scores_student).mean()   # Bradley-Terry
     D.save_pretrained("out/disc", tokenizer)                        # an HF *ForSequenceClassification
 
 The saved directory loads in transformers as Qwen2ForSequenceClassification /
@@ -20,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer, save_safetensors
+from loading import config_to_hf, save_safetensors
+from model import Transformer
 
 
 class Discriminator(Transformer):
@@ -44,6 +46,13 @@ class Discriminator(Transformer):
         """The student's causal-LM checkpoint (LM head dropped, new score head) or a saved D."""
         return super().from_pretrained(name_or_path, dtype=dtype, device=device, lm_head=False)
 
+    def add_head_bias(self):
+        """A bias on the score head, zero at first: the BCE ablation sees absolute scores and needs
+        it (BT's gradient for it is exactly 0). HF's layout has no such bias: save_pretrained drops it."""
+        w = self.score.weight
+        self.score.bias = nn.Parameter(torch.zeros(1, device=w.device, dtype=w.dtype))
+        return self
+
     def forward(self, idx, lengths):
         """idx [B, T] right-padded, lengths [B] -> scores [B] (fp32) at each row's last valid token.
         Indexing by length, never by a pad id: pad is often the same id as the end-of-turn token."""
@@ -55,8 +64,13 @@ class Discriminator(Transformer):
         """HF sequence-classification checkpoint. HF picks the last token that is not pad_token_id,
         so pad_token_id must be an id that never ends a sequence: pass one that is not a stop token."""
         sd = state_dict if state_dict is not None else self.state_dict()
+        if "score.bias" in sd:
+            # a constant shift of every score: per-group advantages and BT pairs cancel it
+            print(f"{out_dir}: the score head's bias ({float(sd['score.bias'].reshape(-1)[0]):.4g}) is left out of "
+                  "the HF export (HF's *ForSequenceClassification has none); resume/ keeps it")
+            sd = {k: v for k, v in sd.items() if k != "score.bias"}
         dtype = next(iter(sd.values())).dtype
-        cfg = self.config.to_hf(dtype)
+        cfg = config_to_hf(self.config, dtype)
         cfg["architectures"] = [cfg["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
         cfg.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad_token_id,
                    problem_type="regression")
@@ -76,9 +90,17 @@ def pad_id_for_scoring(tok, stop_ids):
     return 0
 
 
-def bt_loss(r_teacher, r_student):
-    """Bradley-Terry: mean over pairs of -log sigmoid(D(x, y_teacher) - D(x, y_student))."""
-    return -F.logsigmoid(r_teacher - r_student).mean()
+def pair_loss(kind, r_teacher, r_student):
+    """The discriminator's loss for each (teacher answer, student sample) pair, by broadcasting.
+    bt (the paper's): Bradley-Terry, -log sigmoid(D(x, y_teacher) - D(x, y_student)).
+    bce (the paper's ablation): teacher labelled 1, student 0, each pair weighing its two halves
+    equally; it sees absolute scores, so it needs the head's bias (Discriminator.add_head_bias).
+    The training loop and the logged d_loss both call this: swap the loss here, in one place."""
+    if kind == "bt":
+        return -F.logsigmoid(r_teacher - r_student)
+    if kind == "bce":
+        return -(F.logsigmoid(r_teacher) + F.logsigmoid(-r_student)) / 2
+    raise ValueError(f"unknown discriminator loss {kind!r} (bt or bce)")
 
 
 def d_accuracy(r_teacher, r_student):

