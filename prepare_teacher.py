@@ -12,24 +12,31 @@ Collect a black-box teacher's answers for a prompt set: robust, resumable, withi
 
 Inputs: JSONL with `messages` or a `prompt` string, the paper's parquet (content, teacher_response),
 AlpacaEval model_outputs.json, Arena-Hard question.jsonl (+ --answers model_answer/M.jsonl), MiniLLM
-JSONL (instruction, input, output), FastChat question.jsonl (+ --answers).
+JSONL (instruction, input, output), FastChat question.jsonl (+ --answers). Input files are only read.
 
 Rows {"id", "messages", "teacher", "model", "finish_reason", "usage", "key", ...} are appended to --out
 as answers arrive. Filtered answers (empty, truncated, refusals) go to <out>.rejects.jsonl and failed
 requests to <out>.failed.jsonl, each with a reason. A rerun skips done and filtered prompts and retries
 the failed ones; --max-cost is a budget for the output file over all its runs.
+
+Exit status: 0 when the run did its work; 1 after a one-line error (nothing written is lost) or when
+fewer than --min-success of this run's requests got an answer (the last line says so); 2 for bad flags
+(argparse); 130 on Ctrl-C.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
+import math
+import mmap
 import os
-import random
 import re
 import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 try:
     import fcntl
@@ -39,45 +46,51 @@ except ImportError:  # no advisory locks on Windows: run one writer at a time yo
 import openai
 from tqdm import tqdm
 
+from data import DataError, check_row, read_jsonl
+
 PROG = "prepare_teacher.py"
-BACKOFF_BASE = 1.0       # seconds before the first retry, doubled each time (tests shrink it)
-BACKOFF_MAX = 60.0
-RETRY_AFTER_MAX = 300.0  # a server asking for longer than this gets this
 REFUSAL = (r"^\s*(I'?m sorry|I am sorry|I apologi[sz]e|As an AI\b|I (?:can(?:'|no)?t|cannot|won'?t|am unable to)"
            r" (?:help|assist|comply|provide|fulfill|do that))")
 BATCH_PRICE = 0.5        # the Batch API's price, relative to live requests
 BATCH_ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
 
-def die(msg):
-    raise SystemExit(f"{PROG}: {msg}")
-
-
 # -----------------------------------------------------------------------------
-# one request, retried until it gives a usable answer
+# one request: the SDK retries the transport, we retry the answers it cannot judge
 
 class FatalAPIError(Exception):
     """An error no retry can fix (bad key, no access, unknown model): the run stops."""
 
 
 class RetryError(Exception):
-    """One request failed for good; .reason is short: "http_500", "timeout", "empty", ..."""
+    """One request failed for good; .reason is short ("http_500", "timeout", "empty", ...), .attempts
+    counts the HTTP requests sent for it, .usage the tokens billed for its unusable answers."""
     def __init__(self, reason, attempts=1, usage=None):
         super().__init__(f"request failed after {attempts} attempts: {reason}")
         self.reason, self.attempts = reason, attempts
         self.usage = usage or {"prompt_tokens": 0, "completion_tokens": 0}
 
 
-class Unusable(ValueError):
-    """An answer that arrived but cannot be used (empty, or rejected by validate): retried."""
+def key_env_problem(name, flag="--api-key-env"):
+    """Why `name` cannot be the name of the environment variable that holds the key, or None. The value
+    is never shown: it is most likely a key pasted in the wrong place, bound for a terminal or a log."""
+    mixed_case = re.search("[a-z]", name) and re.search("[A-Z]", name)       # base62 keys
+    hex_like = len(name) >= 20 and "_" not in name and re.search("[0-9]", name)  # hex keys
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name) and not mixed_case and not hex_like:
+        return None
+    return (f"{flag} takes the NAME of an environment variable, such as OPENAI_API_KEY; the value given is not "
+            "one (not shown: it may be a key)")
 
 
-def make_client(base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0):
+def make_client(base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, flag="--api-key-env"):
+    """An OpenAI client. The SDK retries 408/409/429/5xx, timeouts and dropped connections itself, with
+    exponential backoff, jitter and the server's Retry-After (up to 2 minutes; longer is not retried)."""
+    if (problem := key_env_problem(api_key_env, flag)):
+        raise FatalAPIError(problem)
     key = os.environ.get(api_key_env)
     if not key:
         raise FatalAPIError(f"environment variable {api_key_env} is not set (for a server without keys, any value works)")
-    # the SDK's own retries are off: ours also retry malformed answers, and count
-    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
 
 def one_line(text, secret=None):
@@ -89,34 +102,26 @@ def one_line(text, secret=None):
     return re.sub(r"\b(sk-[A-Za-z0-9]{0,4})[A-Za-z0-9*_\-]{4,}", r"\1***", text)[:300]
 
 
-def classify(err, secret=None):
-    """(reason, seconds the server asked us to wait) for a retryable error; raises the others."""
-    if isinstance(err, Unusable):
-        return str(err), None
+def api_error(err, secret=None, attempts=1, usage=None):
+    """What an SDK error, raised after the SDK's own retries, means here: a RetryError when this request
+    failed (the run goes on; a rerun asks again), a FatalAPIError when no request can succeed."""
     if isinstance(err, openai.APITimeoutError):
-        return "timeout", None
+        return RetryError("timeout", attempts, usage)
     if isinstance(err, openai.APIConnectionError):
-        return "connection", None
-    if isinstance(err, openai.APIStatusError):
-        status, info = err.status_code, err.body if isinstance(err.body, dict) else {}
-        info = info.get("error", info) if isinstance(info.get("error", info), dict) else {}
-        code, message = str(info.get("code") or info.get("type") or ""), info.get("message") or err.message
-        if (status == 429 and code != "insufficient_quota") or status in (408, 409) or status >= 500:
-            wait = err.response.headers.get("retry-after")
-            ms = err.response.headers.get("retry-after-ms")
-            try:
-                return f"http_{status}", float(ms) / 1000 if ms else float(wait) if wait else None
-            except ValueError:  # an HTTP date: our own backoff will do
-                return f"http_{status}", None
-        # a prompt that is too long or against a policy: record it as failed, the run goes on
-        if status in (400, 413, 422) and re.search(r"context.length|too.long|too.large", f"{code} {message}", re.I):
-            raise RetryError("too_long")
-        if status in (400, 422) and re.search(r"content.policy|content.filter|invalid.prompt", f"{code} {message}", re.I):
-            raise RetryError("content_policy")
-        raise FatalAPIError(one_line(f"HTTP {status} ({code or 'error'}): {message}", secret))
-    if isinstance(err, (openai.APIResponseValidationError, ValueError)):
-        return "malformed", None
-    raise err
+        return RetryError("connection", attempts, usage)
+    if not isinstance(err, openai.APIStatusError):
+        return FatalAPIError(one_line(f"{type(err).__name__}: {err}", secret))
+    status, info = err.status_code, err.body if isinstance(err.body, dict) else {}
+    info = info.get("error", info) if isinstance(info.get("error", info), dict) else {}
+    code, message = str(info.get("code") or info.get("type") or ""), info.get("message") or err.message
+    if (status == 429 and code != "insufficient_quota") or status in (408, 409) or status >= 500:
+        return RetryError(f"http_{status}", attempts, usage)
+    # a prompt that is too long or against a policy: record it as failed, the run goes on
+    if status in (400, 413, 422) and re.search(r"context.length|too.long|too.large", f"{code} {message}", re.I):
+        return RetryError("too_long", attempts, usage)
+    if status in (400, 422) and re.search(r"content.policy|content.filter|invalid.prompt", f"{code} {message}", re.I):
+        return RetryError("content_policy", attempts, usage)
+    return FatalAPIError(one_line(f"HTTP {status} ({code or 'error'}): {message}", secret))
 
 
 def parse_completion(resp):
@@ -133,142 +138,144 @@ def parse_completion(resp):
     return text, choice.get("finish_reason"), usage
 
 
-def with_retry(call, retries=6, secret=None, backoff=None):
-    """call(attempt) until it returns, retrying transient errors with exponential backoff and jitter,
-    and waiting at least what Retry-After asks. Raises RetryError when retries run out."""
-    base = BACKOFF_BASE if backoff is None else backoff
-    for attempt in range(1, retries + 2):
-        try:
-            return call(attempt)
-        except (openai.OpenAIError, ValueError) as err:
-            reason, wait = classify(err, secret)
-        if attempt <= retries:
-            delay = min(BACKOFF_MAX, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)  # jitter spreads the herd
-            time.sleep(max(delay, min(wait or 0.0, RETRY_AFTER_MAX)))
-    raise RetryError(reason, attempt)
+def chat_with_retry(client, model, messages, *, temperature=None, max_tokens=None, retries=6, validate=None,
+                    extra=None):
+    """One chat completion with a usable answer: {"text", "finish_reason", "usage", "attempts"}.
 
-
-def chat_with_retry(client, model, messages, *, temperature=None, max_tokens=None, retries=6,
-                    validate=None, extra=None, backoff=None):
-    """One chat completion with a usable answer: {"text", "finish_reason", "usage", "attempts"}, usage
-    summed over every attempt that was billed. Empty or malformed answers, and those validate(text)
-    rejects (False or ValueError), are retried like 429, 5xx, timeouts and dropped connections.
-    Raises RetryError when retries run out or the prompt itself is refused, FatalAPIError when no retry
-    can help."""
+    The SDK retries what goes wrong on the way (see make_client); this loop retries what only we can
+    judge: malformed or empty answers, and those validate(text) rejects (False or ValueError). Both draw
+    on one budget of `retries` retries, counted in HTTP requests ("attempts"); usage sums every answer
+    billed. Raises RetryError when the budget runs out or the prompt itself is refused, FatalAPIError
+    when no retry can help."""
     kwargs = {"model": model, "messages": messages, "extra_body": extra or None}
     if temperature is not None:
         kwargs["temperature"] = temperature
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
-    usage = Counter(prompt_tokens=0, completion_tokens=0)
-
-    def once(attempt):
-        text, finish, used = parse_completion(client.chat.completions.create(**kwargs))
-        usage.update(used)
-        if not text.strip():
-            raise Unusable("empty")
+    usage, sent = Counter(prompt_tokens=0, completion_tokens=0), 0
+    while True:
         try:
-            ok = validate is None or validate(text)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise Unusable("invalid")
-        return {"text": text, "finish_reason": finish, "usage": dict(usage), "attempts": attempt}
-    try:
-        return with_retry(once, retries, client.api_key, backoff)
-    except RetryError as e:
-        e.usage = dict(usage)
-        raise
+            raw = client.with_options(max_retries=retries - sent).chat.completions.with_raw_response.create(**kwargs)
+        except openai.OpenAIError as e:  # the SDK numbers its retries in a header of the request
+            tried = int(e.request.headers.get("x-stainless-retry-count", 0)) + 1 if hasattr(e, "request") else 1
+            raise api_error(e, client.api_key, sent + tried, dict(usage)) from None
+        sent += raw.retries_taken + 1
+        try:  # an HTML page or broken JSON under status 200 gets here too
+            text, finish, used = parse_completion(raw.parse())
+        except (ValueError, openai.APIResponseValidationError):
+            reason = "malformed"
+        else:
+            usage.update(used)
+            try:
+                reason = "empty" if not text.strip() else None if validate is None or validate(text) else "invalid"
+            except ValueError:
+                reason = "invalid"
+            if reason is None:
+                return {"text": text, "finish_reason": finish, "usage": dict(usage), "attempts": sent}
+        if sent > retries:
+            raise RetryError(reason, sent, dict(usage))
 
 
 def run_pool(items, fn, concurrency=8, desc=None, stop=None, status=None, unit="req"):
     """fn(item) for every item on `concurrency` threads, with a progress bar (rate, ETA). No new item
-    starts once stop() is true. An exception from fn (FatalAPIError, ...) stops the pool at once and is
-    raised here; requests in flight are abandoned, which a resumable caller can afford.
+    starts once stop() is true. An exception from fn (FatalAPIError, ...) or Ctrl-C stops the pool at
+    once and is raised here; requests in flight are abandoned, which a resumable caller can afford.
     Returns fn's results in the order of items (None for those never run)."""
-    items = list(items)
-    results, state, lock = [None] * len(items), {"next": 0, "error": None}, threading.Lock()
-    bar = tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True)
+    items, halt = list(items), threading.Event()
 
-    def worker():
-        while True:
-            with lock:
-                if state["error"] is not None or state["next"] >= len(items) or (stop is not None and stop()):
-                    return
-                i, state["next"] = state["next"], state["next"] + 1
-            try:
-                results[i] = fn(items[i])
-            except BaseException as e:
-                with lock:
-                    state["error"] = state["error"] or e
-                return
-            with lock:
+    def task(item):
+        return None if halt.is_set() or (stop is not None and stop()) else fn(item)
+
+    pool = ThreadPoolExecutor(max(1, min(concurrency, len(items))))
+    futures = {pool.submit(task, item): i for i, item in enumerate(items)}
+    results = [None] * len(items)
+    try:
+        with tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True) as bar:
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
                 bar.update(1)
                 if status is not None:
                     bar.set_postfix_str(status(), refresh=False)
-
-    # daemon threads: a fatal error or Ctrl-C must not wait for slow requests to time out
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(concurrency, len(items))))]
-    for t in threads:
-        t.start()
-    try:
-        while state["error"] is None and any(t.is_alive() for t in threads):
-            time.sleep(0.02)
-    finally:
-        bar.close()
-    if state["error"] is not None:
-        raise state["error"]
+    except BaseException:
+        halt.set()  # not waiting for the requests in flight: see the end of this file
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results
 
 
 # -----------------------------------------------------------------------------
-# the output: append-only JSONL that survives kill -9
+# the output: append-only JSONL that survives kill -9 and a full disk, and never eats an input
 
 class JsonlStore:
-    """Append-only JSONL of records keyed by record[key]. Opening repairs a torn last line (what a kill
-    -9 mid-write leaves) and locks the file against a second writer. .records maps key -> record (the
-    last wins where a key repeats, which only append(unique=False) allows)."""
+    """Append-only JSONL of records keyed by record[key], locked against a second writer. .records maps
+    key -> record (the last wins where a key repeats, which only append(unique=False) allows).
+
+    Opening changes nothing in a file that is not recognisably this program's own: every complete line
+    must be a JSON object with the key field, or DataError is raised. In a file of ours, a torn last line
+    (what a kill or a full disk in the middle of a write leaves) is cut off."""
 
     def __init__(self, path, key="key"):
         self.path, self.key, self.lock, self.records = path, key, threading.Lock(), {}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.f = open(path, "a+b")
-        if fcntl is not None:
-            try:
-                fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                self.fail(f"{path}: in use by another running process")
-        self.f.seek(0)
-        data = self.f.read()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            os.ftruncate(self.f.fileno(), cut)
-            print(f"{PROG}: {path}: repaired a torn last line ({len(data) - cut} bytes dropped)", file=sys.stderr)
-            data = data[:cut]
-        # split on b"\n" only: JSON strings may hold U+2028 and kin, where str.splitlines() also breaks
-        for i, line in enumerate(data.split(b"\n")[:-1], 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                self.fail(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})")
-            if not isinstance(rec, dict) or key not in rec:
-                self.fail(f"{path}:{i}: a JSON object with a {key!r} field is expected")
-            self.records[rec[key]] = rec
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise DataError(f"{path}: in use by another running process") from None
+            self.load()
+        except BaseException:
+            os.close(self.fd)
+            raise
 
-    def fail(self, msg):
-        self.f.close()
-        die(msg)
+    def load(self):
+        for where, rec in read_jsonl(self.path, torn_ok=True):
+            if not isinstance(rec, dict) or self.key not in rec:
+                raise DataError(f"{where}: not a line this program wrote (a JSON object with a {self.key!r} "
+                                f"field is expected); {self.path} is left as it is")
+            self.records[rec[self.key]] = rec
+        self.size, tail = os.fstat(self.fd).st_size, b""
+        if self.size:
+            with mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) as m:  # the bytes after the last newline
+                tail = m[m.rfind(b"\n") + 1:]
+        if not tail:
+            return
+        try:
+            json.loads(tail)
+        except ValueError:  # torn: cut off, but only from a file that is recognisably ours
+            if not self.records:
+                raise DataError(f"{self.path}: holds no complete line written by this program, only a torn one; "
+                                "left as it is (delete it if it is a leftover)") from None
+            os.ftruncate(self.fd, self.size - len(tail))
+            print(f"{PROG}: {self.path}: repaired a torn last line ({len(tail)} bytes dropped)", file=sys.stderr)
+            self.size -= len(tail)
+        else:  # a whole record (checked above) that lacks only its newline
+            self.write(b"\n")
+
+    def write(self, data):
+        """data at the end of the file, synced; a failed write (a full disk) is undone, so the file keeps
+        whole lines only, and the error names the file."""
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            e.filename = self.path
+            raise
+        self.size += len(data)
 
     def append(self, record, unique=True):
+        """False (and nothing written) when unique and the record's key is stored already."""
         line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self.lock:
             if unique and record[self.key] in self.records:
                 return False
-            self.f.write(line)
-            self.f.flush()
-            os.fsync(self.f.fileno())
+            self.write(line)
             self.records[record[self.key]] = record
             return True
 
@@ -280,7 +287,23 @@ class JsonlStore:
 
     def close(self):
         with self.lock:
-            self.f.close()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1  # an abandoned request finishing later then fails to write, harmlessly
+
+
+def write_atomic(path, data):
+    """Replace a whole file: a kill or a full disk leaves the old one or the new one, never half."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
 
 
 def request_key(model, messages, params):
@@ -295,50 +318,63 @@ def sidecar(out, name, ext=None):
     return f"{root}.{name}{ext or out_ext or '.jsonl'}"
 
 
+def same_file(a, b):
+    try:
+        return os.path.samefile(a, b)  # also through links and other spellings of the path
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(args):
+    """Refuse, before any work, to write where an input is or where no file can be: an input file is
+    never modified, whichever of this run's files (the output, its side files) it coincides with."""
+    files = [args.out] + [sidecar(args.out, n) for n in ("rejects", "failed", "batch_input", "train", "test")]
+    files += [sidecar(args.out, "batch", ".json")]
+    for path in files + [f + ".tmp" for f in files]:
+        for flag, given in (("--prompts", args.prompts), ("--answers", args.answers)):
+            if given and same_file(path, given):
+                raise DataError(f"--out: this run would write {path}, which is the {flag} file; "
+                                "an input is never written to: choose another --out")
+    if os.path.isdir(args.out):
+        raise DataError(f"--out: {args.out} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out: cannot create the directory {parent} ({e.strerror})") from None
+
+
 # -----------------------------------------------------------------------------
 # reading prompts and released teacher data
 
-def check_messages(msgs, where):
-    if not isinstance(msgs, list) or not msgs:
-        die(f"{where}: 'messages' must be a non-empty list")
-    for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            die(f"{where}: each message needs a role (system, user or assistant) and a string content")
-    if msgs[-1]["role"] != "user":
-        die(f"{where}: the last message must be the user's")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
-
-
 def iter_records(path):
-    """(where, index, record) for every record of a .jsonl, .json (an array) or .parquet file."""
+    """(where, record) for every record of a .jsonl, .json (an array) or .parquet file."""
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            die(f"{path}: reading parquet needs pyarrow (pip install pyarrow)")
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-        records = (rec for batch in batches for rec in batch.to_pylist())
-        yield from ((f"{path}: row {i + 1}", i, rec) for i, rec in enumerate(records))
-        return
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                data = json.load(f)
-            except ValueError as e:
-                die(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({getattr(e, 'msg', e)})")
-            if not isinstance(data, list):
-                die(f"{path}: a JSON array of records is expected")
-            yield from ((f"{path}: record {i + 1}", i, rec) for i, rec in enumerate(data))
-            return
-        i = 0
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    die(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', e)})")
-                yield f"{path}:{lineno}", i, rec
-                i += 1
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        try:  # pyarrow's errors are OSError (I/O) or ValueError (ArrowInvalid: not parquet)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+            for i, rec in enumerate(rec for batch in batches for rec in batch.to_pylist()):
+                yield f"{path}: row {i + 1}", rec
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable parquet file ({one_line(e)})") from None
+    elif path.endswith(".json"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+        except ValueError as e:
+            raise DataError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a JSON array of records is expected")
+        yield from ((f"{path}: record {i + 1}", rec) for i, rec in enumerate(data))
+    else:
+        yield from read_jsonl(path)
 
 
 def detect_format(rec, path):
@@ -352,13 +388,15 @@ def detect_format(rec, path):
         return "alpaca_eval" if "generator" in rec else "minillm"
     if "messages" in rec or "prompt" in rec:
         return "ours"
-    die(f"{path}: cannot tell the format from the first record's keys ({', '.join(sorted(rec))}); pass --format")
+    raise DataError(f"{path}: cannot tell the format from the first record's keys ({', '.join(sorted(rec))}); pass --format")
 
 
 def load_answers(path):
     """question id -> answer (a string, or a list of turns) from an Arena-Hard or FastChat answer file."""
+    if not os.path.isfile(path):
+        raise DataError(f"--answers: {path}: no such file")
     answers = {}
-    for where, _, rec in iter_records(path):
+    for where, rec in iter_records(path):
         try:
             qid = str(rec["uid"] if "uid" in rec else rec["question_id"])
             if "choices" in rec:     # FastChat llm_judge: choices[0].turns
@@ -369,7 +407,7 @@ def load_answers(path):
             else:                    # FastChat's original answer table
                 answers[qid] = rec["text"]
         except (KeyError, IndexError, TypeError) as e:
-            die(f"{where}: not an answer record (no {e})")
+            raise DataError(f"{where}: not an answer record (no {e})") from None
     return answers
 
 
@@ -436,36 +474,29 @@ CONVERTERS = {"ours": row_ours, "paper": row_paper, "alpaca_eval": row_alpaca_ev
 
 
 def import_file(path, fmt="auto", answers=None):
-    """Rows {"id", "messages", "teacher", ...} from any supported file (no "teacher" for prompts only)."""
+    """Rows {"id", "messages", "teacher", ...} from any supported file (no "teacher" for prompts only),
+    each checked by data.check_row. Raises DataError naming file:line."""
     if not os.path.isfile(path):
-        die(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
     answer_map = load_answers(answers) if answers else {}
     rows, seen = [], {}
-    for where, i, rec in iter_records(path):
+    for i, (where, rec) in enumerate(iter_records(path)):
         if not isinstance(rec, dict):
-            die(f"{where}: a JSON object is expected")
+            raise DataError(f"{where}: a JSON object is expected, not {type(rec).__name__}")
         fmt = detect_format(rec, path) if fmt == "auto" else fmt
         try:
             new = CONVERTERS[fmt](rec, i, answer_map)
         except (KeyError, IndexError, TypeError, AttributeError) as e:
-            die(f"{where}: not a {fmt} record (no {e})")
+            raise DataError(f"{where}: not a {fmt} record (no {e})") from None
         for row in new:
-            row = {k: v for k, v in row.items() if v is not None}
-            row["messages"] = check_messages(row["messages"], where)
-            if not isinstance(row.get("teacher", ""), str):
-                die(f"{where}: the teacher's answer must be a string")
+            row = check_row({k: v for k, v in row.items() if v is not None}, where, need_teacher=False)
             if fmt != "ours":
                 row.setdefault("source", fmt)
             if row["id"] in seen:
-                die(f"{where}: duplicate id {row['id']!r} (first at {seen[row['id']]})")
+                raise DataError(f"{where}: duplicate id {row['id']!r} (first at {seen[row['id']]})")
             seen[row["id"]] = where
             rows.append(row)
     return rows
-
-
-def read_rows(path):
-    """Rows of our JSONL format ({"id", "messages", "teacher"?, ...}); a bad line dies naming file:line."""
-    return import_file(path, fmt="ours")
 
 
 # -----------------------------------------------------------------------------
@@ -499,11 +530,17 @@ class Collector:
     in <out>.failed.jsonl. A prompt's status is the first of: done, filtered, failed, pending."""
 
     def __init__(self, args):
-        self.args, self.lock, self.used, self.failed_now = args, threading.Lock(), Counter(), 0
-        self.out, self.rejects, self.failed = (JsonlStore(args.out), JsonlStore(sidecar(args.out, "rejects")),
-                                               JsonlStore(sidecar(args.out, "failed")))
+        self.args, self.lock, self.used, self.now = args, threading.Lock(), Counter(), Counter()
         self.refusal = re.compile(args.refusal_filter) if args.refusal_filter else None
-        for store in (self.out, self.rejects, self.failed):
+        self.stores = []
+        try:
+            for path in (args.out, sidecar(args.out, "rejects"), sidecar(args.out, "failed")):
+                self.stores.append(JsonlStore(path))
+        except BaseException:
+            self.close()
+            raise
+        self.out, self.rejects, self.failed = self.stores
+        for store in self.stores:
             for rec in store.records.values():
                 self.charge(rec.get("usage"), rec.get("batch", False))
         self.spent_before = self.spent
@@ -540,13 +577,15 @@ class Collector:
         extras = {"finish_reason": finish_reason, "usage": usage, "system": job.get("system"), "batch": batch or None}
         row.update(teacher=text, model=model or self.args.model, key=job["key"], **{k: v for k, v in extras.items() if v})
         reason = self.filter_reason(row)
+        with self.lock:
+            self.now["answered"] += 1
         if (self.out.append(row) if reason is None else self.rejects.append({**row, "reason": reason})):
             self.charge(usage, batch)  # an answer stored before (a rerun of an import) was paid before
 
     def fail(self, job, reason, attempts=1, usage=None):
         self.charge(usage)
         with self.lock:
-            self.failed_now += 1
+            self.now["failed"] += 1
         self.failed.append({"key": job["key"], "id": job["row"]["id"], "reason": reason, "attempts": attempts,
                             "usage": usage, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, unique=False)
 
@@ -578,8 +617,15 @@ class Collector:
         if status["failed"]:
             print("rerun the same command to retry the failed prompts")
 
+    def shortfall(self):
+        """The line that ends a run where too few of its requests got an answer, or None."""
+        got, tried = self.now["answered"], self.now["answered"] + self.now["failed"]
+        if tried and (got == 0 or got < self.args.min_success * tried):
+            return (f"only {got} of {tried} requests got an answer this run (--min-success {self.args.min_success}); "
+                    f"reasons in {self.failed.path}")
+
     def close(self):
-        for store in (self.out, self.rejects, self.failed):
+        for store in self.stores:
             store.close()
 
 
@@ -587,7 +633,7 @@ class Collector:
 # three ways to get answers: the live API, the Batch API, a local model
 
 def live(args, col, todo):
-    client = make_client(args.base_url, args.api_key_env, args.timeout)
+    client = make_client(args.base_url, args.api_key_env, args.timeout, args.retries)
 
     def work(job):
         try:
@@ -598,31 +644,29 @@ def live(args, col, todo):
         col.finish(job, res["text"], res["finish_reason"], res["usage"])
 
     run_pool(todo, work, args.concurrency, desc="teacher", stop=col.over_budget,
-             status=lambda: f"failed={col.failed_now} cost=${col.spent:.4f}")
+             status=lambda: f"failed={col.now['failed']} cost=${col.spent:.4f}")
 
 
 def batch_api(args, col, todo, jobs):
-    client = make_client(args.base_url, args.api_key_env, args.timeout)
-
-    def call(fn, **kw):
-        return with_retry(lambda attempt: fn(**kw), args.retries, client.api_key)
-
+    """Submit once, then each run polls (every --poll-interval with --wait) and merges when it ends.
+    The SDK retries each call; what it cannot fix stops the run, and a rerun picks up from the state file."""
+    client = make_client(args.base_url, args.api_key_env, args.timeout, args.retries)
     path = sidecar(args.out, "batch", ".json")
     while True:
         if os.path.exists(path):
             with open(path) as f:
                 state = json.load(f)
-        elif (state := submit_batch(args, client, call, col, todo, path)) is None:
+        elif (state := submit_batch(args, client, col, todo, path)) is None:
             return
         if "batch_id" not in state:
             # killed between upload and create: the batch may exist already, and must not be paid twice
-            found = [b for b in call(client.batches.list, limit=100).data if b.input_file_id == state["input_file_id"]]
-            state["batch_id"] = (found[0] if found else call(client.batches.create, input_file_id=state["input_file_id"],
-                                                             endpoint="/v1/chat/completions", completion_window="24h")).id
-            write_json(path, state)
-        batch = call(client.batches.retrieve, batch_id=state["batch_id"])
+            found = [b for b in client.batches.list(limit=100).data if b.input_file_id == state["input_file_id"]]
+            state["batch_id"] = (found[0] if found else client.batches.create(
+                input_file_id=state["input_file_id"], endpoint="/v1/chat/completions", completion_window="24h")).id
+            write_atomic(path, json.dumps(state).encode())
+        batch = client.batches.retrieve(batch_id=state["batch_id"])
         if batch.status not in BATCH_ACTIVE:
-            merge_batch(client, call, col, {j["key"]: j for j in jobs}, batch, state)
+            merge_batch(client, col, {j["key"]: j for j in jobs}, batch, state)
             os.remove(path)
             return
         done = batch.request_counts.completed if batch.request_counts else 0
@@ -633,7 +677,7 @@ def batch_api(args, col, todo, jobs):
         time.sleep(args.poll_interval)
 
 
-def submit_batch(args, client, call, col, todo, path):
+def submit_batch(args, client, col, todo, path):
     chosen, estimate = [], 0.0
     for job in todo:  # a batch cannot be stopped halfway: it must fit the budget up front
         cost = col.price(job["tokens_in"], args.max_tokens or 0, batch=True)
@@ -651,23 +695,22 @@ def submit_batch(args, client, call, col, todo, path):
         return json.dumps({"custom_id": job["key"], "method": "POST", "url": "/v1/chat/completions", "body": body},
                           ensure_ascii=False) + "\n"
     data = "".join(map(line, chosen)).encode("utf-8")
-    with open(sidecar(args.out, "batch_input"), "wb") as f:  # a copy to look at; the upload sends `data`
-        f.write(data)
-    upload = call(client.files.create, file=("batch_input.jsonl", data), purpose="batch")
+    write_atomic(sidecar(args.out, "batch_input"), data)  # a copy to look at; the upload sends `data`
+    upload = client.files.create(file=("batch_input.jsonl", data), purpose="batch")
     state = {"input_file_id": upload.id, "keys": [j["key"] for j in chosen], "model": args.model}
-    write_json(path, state)
-    state["batch_id"] = call(client.batches.create, input_file_id=upload.id, endpoint="/v1/chat/completions",
-                             completion_window="24h").id
-    write_json(path, state)
+    write_atomic(path, json.dumps(state).encode())
+    state["batch_id"] = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                              completion_window="24h").id
+    write_atomic(path, json.dumps(state).encode())
     print(f"submitted batch {state['batch_id']}: {len(chosen)} requests, estimated cost at most ${estimate:.4f}")
     return state
 
 
-def merge_batch(client, call, col, jobs_by_key, batch, state):
+def merge_batch(client, col, jobs_by_key, batch, state):
     """Results land exactly like live answers; a request with no result fails with the batch's status."""
     seen = set()
     for file_id in (batch.output_file_id, batch.error_file_id):
-        for n, line in enumerate(call(client.files.content, file_id=file_id).text.split("\n") if file_id else [], 1):
+        for n, line in enumerate(client.files.content(file_id=file_id).text.split("\n") if file_id else [], 1):
             try:
                 rec = json.loads(line) if line.strip() else None
                 job = rec and jobs_by_key.get(rec["custom_id"])
@@ -699,11 +742,12 @@ def merge_batch(client, call, col, jobs_by_key, batch, state):
 
 def local(args, col, todo):
     import torch
-    from model import Transformer, load_tokenizer, render_prompt, stop_token_ids, generate  # only this path needs it
+    from loading import load_tokenizer, render_prompt, stop_token_ids  # only this path needs them
+    from model import Transformer, generate
     try:
         model, tok = Transformer.from_pretrained(args.model), load_tokenizer(args.model)
     except Exception as e:
-        die(f"--model: cannot load {args.model}: {one_line(e)}")
+        raise DataError(f"--model: cannot load {args.model}: {one_line(e)}") from None
     stop = stop_token_ids(tok)
 
     def work(batch):
@@ -724,14 +768,6 @@ def local(args, col, todo):
 
 # -----------------------------------------------------------------------------
 
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old state or the new one, never half
-
-
 def write_split(args, col):
     """<out>.train.jsonl and <out>.test.jsonl. Test rows are chosen by a hash of their id, so the split
     depends neither on the order answers arrived in nor on the machine."""
@@ -740,9 +776,8 @@ def write_split(args, col):
     n_test = (sum(int(digest(r)[:8], 16) < args.test_size * 2 ** 32 for r in rows) if args.test_size < 1
               else min(int(args.test_size), len(rows)))
     for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):
-        with open(sidecar(args.out, name) + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in part)
-        os.replace(sidecar(args.out, name) + ".tmp", sidecar(args.out, name))
+        write_atomic(sidecar(args.out, name), "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                                      for r in part).encode("utf-8"))
     print(f"split: {len(rows) - n_test} rows in {sidecar(args.out, 'train')}, {n_test} in {sidecar(args.out, 'test')}")
 
 
@@ -776,8 +811,48 @@ def estimate(args, col, todo):
     print(msg)
 
 
+# argparse types: a nonsense value is refused with argparse's own "invalid positive_int value: '0'"
+def number(name, cast, ok):
+    def check(text):
+        value = cast(text)
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(text)
+        return value
+    check.__name__ = name
+    return check
+
+
+positive_int = number("positive_int", int, lambda v: v >= 1)
+nonneg_int = number("nonneg_int", int, lambda v: v >= 0)
+positive_float = number("positive_float", float, lambda v: v > 0)
+nonneg_float = number("nonneg_float", float, lambda v: v >= 0)
+fraction = number("fraction", float, lambda v: 0 <= v <= 1)
+test_size = number("test_size", float, lambda v: 0 < v < 1 or (v >= 1 and v == int(v)))
+
+
+def key_env(text):
+    if (problem := key_env_problem(text)):
+        raise argparse.ArgumentTypeError(problem.removeprefix("--api-key-env "))  # argparse names the flag
+    return text
+
+
+def json_object(text):
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(text)
+    return value
+
+
+def regex(text):
+    try:
+        re.compile(text)
+    except re.error:
+        raise ValueError(text) from None
+    return text
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Collect a teacher's answers, robustly and resumably.")
+    p = argparse.ArgumentParser(prog=PROG, description="Collect a teacher's answers, robustly and resumably.")
     p.add_argument("--prompts", required=True, help="input file: .jsonl, .json or .parquet")
     p.add_argument("--format", default="auto", choices=["auto", *CONVERTERS], help="input format (auto: from the first record)")
     p.add_argument("--answers", help="answers to --prompts: an Arena-Hard model_answer or a FastChat answer file")
@@ -786,102 +861,122 @@ def parse_args(argv):
     p.add_argument("--backend", default="api", choices=["api", "local"])
     p.add_argument("--model", help="the teacher's model name (a checkpoint path with --backend local)")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: the SDK's, or $OPENAI_BASE_URL)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable that holds the API key")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--api-key-env", type=key_env, default="OPENAI_API_KEY", metavar="NAME",
+                   help="name of the environment variable that holds the API key")
+    p.add_argument("--temperature", type=nonneg_float)
+    p.add_argument("--max-tokens", type=positive_int)
     p.add_argument("--system", help="system prompt sent before each conversation (stored as 'system', not in messages)")
-    p.add_argument("--extra", help="JSON object of extra request fields, e.g. '{\"max_completion_tokens\": 1536}'")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=6, help="retries per request after the first attempt")
-    p.add_argument("--backoff", type=float, default=BACKOFF_BASE, help="seconds before the first retry (then doubled)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call with --backend local")
+    p.add_argument("--extra", type=json_object, default={}, dest="extra_body",
+                   help="JSON object of extra request fields, e.g. '{\"max_completion_tokens\": 1536}'")
+    p.add_argument("--concurrency", type=positive_int, default=8)
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per HTTP request")
+    p.add_argument("--retries", type=nonneg_int, default=6,
+                   help="retries per prompt after the first request: the SDK's (429, 5xx, timeouts, with backoff and "
+                        "Retry-After) and ours (empty or malformed answers) together")
+    p.add_argument("--min-success", type=fraction, default=0.5, metavar="FRACTION",
+                   help="exit 1 when fewer than this fraction of this run's requests got an answer (and always when "
+                        "none did); what did arrive is kept")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate() call with --backend local")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--batch-api", action="store_true", help="use the OpenAI Batch API (rerun to collect)")
     p.add_argument("--wait", action="store_true", help="with --batch-api: poll until the batch ends")
-    p.add_argument("--poll-interval", type=float, default=60.0, help="seconds between polls with --wait")
-    p.add_argument("--price-in", type=float, help="$ per million input tokens")
-    p.add_argument("--price-out", type=float, help="$ per million output tokens")
-    p.add_argument("--max-cost", type=float, help="stop at this many $ spent on --out, all runs together")
+    p.add_argument("--poll-interval", type=positive_float, default=60.0, help="seconds between polls with --wait")
+    p.add_argument("--price-in", type=nonneg_float, help="$ per million input tokens")
+    p.add_argument("--price-out", type=nonneg_float, help="$ per million output tokens")
+    p.add_argument("--max-cost", type=nonneg_float, help="stop at this many $ spent on --out, all runs together")
     p.add_argument("--keep-truncated", action="store_true", help="keep answers cut at --max-tokens")
-    p.add_argument("--refusal-filter", nargs="?", const=REFUSAL, metavar="REGEX", help="filter refusals (a default regex)")
-    p.add_argument("--test-size", type=float, help="also write <out>.train/.test.jsonl: a fraction, or a number of rows")
+    p.add_argument("--refusal-filter", type=regex, nargs="?", const=REFUSAL, metavar="REGEX",
+                   help="filter refusals (a default regex)")
+    p.add_argument("--test-size", type=test_size,
+                   help="also write <out>.train/.test.jsonl: a fraction in (0, 1), or a whole number of rows")
     p.add_argument("--dry-run", action="store_true", help="print the estimate and stop")
     args = p.parse_args(argv)
     if not args.import_only and not args.model:
-        die("--model: required (the teacher's model name, or a checkpoint path with --backend local)")
+        p.error("--model is required (the teacher's model name, or a checkpoint path with --backend local)")
     if args.max_cost is not None and (args.price_in is None or args.price_out is None):
-        die("--max-cost: needs --price-in and --price-out")
-    for flag, value, low in (("--concurrency", args.concurrency, 1), ("--batch-size", args.batch_size, 1),
-                             ("--retries", args.retries, 0)):
-        if value < low:
-            die(f"{flag}: must be at least {low}")
-    if args.test_size is not None and (args.test_size <= 0 or (args.test_size >= 1 and args.test_size % 1)):
-        die("--test-size: a fraction in (0, 1) or a whole number of rows")
+        p.error("--max-cost needs --price-in and --price-out")
     if args.batch_api and args.backend == "local":
-        die("--batch-api: only with --backend api")
-    try:
-        args.extra_body = json.loads(args.extra) if args.extra else {}
-    except ValueError as e:
-        die(f"--extra: not valid JSON ({e})")
-    if not isinstance(args.extra_body, dict):
-        die("--extra: a JSON object is expected")
-    try:
-        re.compile(args.refusal_filter or "")
-    except re.error as e:
-        die(f"--refusal-filter: not a valid regex ({e})")
+        p.error("--batch-api works only with --backend api")
     if args.backend == "local":  # model.py needs concrete values, and the key records them
         args.max_tokens, args.temperature = args.max_tokens or 1536, 1.0 if args.temperature is None else args.temperature
     return args
 
 
+def collect(args, col, rows):
+    """The run itself; returns the jobs it was about (for the summary)."""
+    if args.import_only:
+        answered = [r for r in rows if "teacher" in r]
+        if not answered:
+            raise DataError(f"{args.prompts}: holds no teacher answers (give --answers FILE, or drop --import-only)")
+        if len(answered) < len(rows):
+            print(f"note: {len(rows) - len(answered)} rows have no teacher answer and are left out")
+        # the id is in the key: released data may answer the same prompt twice, and both rows count
+        jobs = [{"key": request_key(r.get("model", "import"), r["messages"], {"id": r["id"]}), "row": r} for r in answered]
+        for job in jobs:
+            r = job["row"]
+            col.finish(job, r["teacher"], r.get("finish_reason"), r.get("usage"), model=r.get("model") or args.model or "unknown")
+        return jobs
+    jobs = make_jobs(args, rows)
+    col.refilter()
+    todo = [j for j in jobs if j["key"] not in col.out and j["key"] not in col.rejects]
+    print(f"{len(jobs)} prompts: {len(jobs) - len(todo)} already answered, {len(todo)} to request")
+    if args.backend == "api" and todo:
+        estimate(args, col, todo)
+    if args.dry_run:
+        return None
+    if col.over_budget():
+        print(f"budget reached: ${col.spent:.4f} spent of --max-cost ${args.max_cost}; raise it to go on")
+    elif args.backend == "local":
+        local(args, col, todo)
+    elif args.batch_api:
+        batch_api(args, col, todo, jobs)
+    elif todo:
+        live(args, col, todo)
+    if col.over_budget() and any(col.status(j["key"])[0] in ("pending", "failed") for j in jobs):
+        print(f"stopped at the budget: ${col.spent:.4f} spent of --max-cost ${args.max_cost}")
+    return jobs
+
+
 def main(argv=None):
-    global BACKOFF_BASE
+    """The exit status (see the docstring at the top); every error is one line, the last one printed."""
     args = parse_args(argv)
-    BACKOFF_BASE = args.backoff
-    rows = import_file(args.prompts, args.format, args.answers)
-    col = Collector(args)
+    col, secret, code = None, os.environ.get(args.api_key_env), 1
     try:
-        if args.import_only:
-            answered = [r for r in rows if "teacher" in r]
-            if not answered:
-                die(f"{args.prompts}: holds no teacher answers (give --answers FILE, or drop --import-only)")
-            if len(answered) < len(rows):
-                print(f"note: {len(rows) - len(answered)} rows have no teacher answer and are left out")
-            # the id is in the key: released data may answer the same prompt twice, and both rows count
-            jobs = [{"key": request_key(r.get("model", "import"), r["messages"], {"id": r["id"]}), "row": r} for r in answered]
-            for job in jobs:
-                r = job["row"]
-                col.finish(job, r["teacher"], r.get("finish_reason"), r.get("usage"), model=r.get("model") or args.model or "unknown")
-        else:
-            jobs = make_jobs(args, rows)
-            col.refilter()
-            todo = [j for j in jobs if j["key"] not in col.out and j["key"] not in col.rejects]
-            print(f"{len(jobs)} prompts: {len(jobs) - len(todo)} already answered, {len(todo)} to request")
-            if args.backend == "api" and todo:
-                estimate(args, col, todo)
-            if args.dry_run:
-                return
-            if col.over_budget():
-                print(f"budget reached: ${col.spent:.4f} spent of --max-cost ${args.max_cost}; raise it to go on")
-            elif args.backend == "local":
-                local(args, col, todo)
-            elif args.batch_api:
-                batch_api(args, col, todo, jobs)
-            elif todo:
-                live(args, col, todo)
-            if col.over_budget() and any(col.status(j["key"])[0] in ("pending", "failed") for j in jobs):
-                print(f"stopped at the budget: ${col.spent:.4f} spent of --max-cost ${args.max_cost}")
+        check_outputs(args)
+        rows = import_file(args.prompts, args.format, args.answers)
+        col = Collector(args)
+        jobs = collect(args, col, rows)
+        if jobs is None:
+            return 0
         col.summary(jobs)
         if args.test_size:
             write_split(args, col)
-    except (FatalAPIError, RetryError) as e:
-        die(f"stopped: {one_line(e)}")
+        if not (msg := col.shortfall()):
+            return 0
+        msg = f"failed: {msg}"
     except KeyboardInterrupt:
-        die("interrupted; rerun the same command to resume")
+        code, msg = 130, "interrupted; what arrived is kept: rerun the same command to resume"
+    except openai.OpenAIError as e:  # from the Batch API's calls, after the SDK's retries
+        msg = f"stopped: {api_error(e, secret)}"
+    except (FatalAPIError, RetryError) as e:
+        msg = f"stopped: {e}"
+    except DataError as e:
+        msg = str(e)
+    except OSError as e:  # a full disk, a file we may not write: what was written stays whole
+        msg = f"{e.filename}: {e.strerror}" if e.filename else str(e)
     finally:
-        col.close()
+        if col is not None:
+            col.close()
+    sys.stdout.flush()  # the error comes after everything else, also where stdout and stderr share a pipe
+    print(f"{PROG}: {one_line(msg, secret)}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    if code:
+        # a stop (an error, Ctrl-C) may leave requests in flight, and ThreadPoolExecutor would wait for
+        # them at exit, up to their timeouts; every answer kept is synced to disk already: leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

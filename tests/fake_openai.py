@@ -7,12 +7,14 @@ A fake OpenAI-compatible server for tests (stdlib only), on real HTTP over loopb
 It serves POST /v1/chat/completions and, for the Batch API, POST /v1/files (multipart),
 GET /v1/files/{id}/content, POST /v1/batches, GET /v1/batches and GET /v1/batches/{id}.
 Answers are a pure function of model and messages, so two runs can be compared.
+The openai SDK retries 429/5xx/timeouts/dropped connections itself, with a backoff of 0.5 s and more:
+fast_sdk_retries(monkeypatch) shrinks it for a test (Retry-After is still honoured as sent).
 
 Faults: `faults(prompt, attempt)` returns None or one of
   "429" (with Retry-After), "500", "503", "slow" (answers after `slow_s`), "drop" (closes the
   socket with no response), "malformed" (broken JSON), "nochoices" (JSON without choices),
-  "empty" (empty content), "length" (truncated answer), "refusal", "401", "400_model",
-  "400_context".
+  "empty" (empty content), "length" (truncated answer), "refusal", "html" (an HTML page with
+  status 200, as a misconfigured proxy sends), "401", "400_model", "400_context".
 `prompt` is the last user message, `attempt` counts that prompt's requests from 1.
 `batch_faults(prompt)` does the same for batch lines ("500", "empty", "malformed" or None).
 """
@@ -44,6 +46,14 @@ def seeded_faults(rate, kinds, seed=0, max_attempt=None):
             return None
         return kinds[(h // 10_000) % len(kinds)]
     return faults
+
+
+def fast_sdk_retries(monkeypatch, seconds=0.001):
+    """The SDK's backoff between retries down to `seconds`: its constants INITIAL_RETRY_DELAY and
+    MAX_RETRY_DELAY (openai/_base_client.py, read at each retry); a server's Retry-After still rules."""
+    import openai._base_client as base
+    monkeypatch.setattr(base, "INITIAL_RETRY_DELAY", seconds)
+    monkeypatch.setattr(base, "MAX_RETRY_DELAY", seconds)
 
 
 def answer_for(model, messages):
@@ -127,6 +137,8 @@ class FakeOpenAI:
             return None, {}, None, 0
         if fault == "malformed":
             return 200, {}, b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "half', 0
+        if fault == "html":
+            return 200, {"Content-Type": "text/html"}, b"<html><body><h1>Welcome to nginx!</h1></body></html>", 0
         if fault == "nochoices":
             return 200, {}, {"id": "chatcmpl-x", "object": "chat.completion", "choices": []}, 0
         wait = self.slow_s if fault == "slow" else self.delay
@@ -179,9 +191,9 @@ class _Handler(BaseHTTPRequestHandler):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            headers = {"Content-Type": "application/json", **(headers or {})}
             self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
+            for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
