@@ -1,58 +1,53 @@
 """
-Evaluate checkpoints the way the GAD paper does, plus judge-free metrics; write tables and plots.
+Score checkpoints the way the GAD paper does, plus judge-free metrics; pick a run's best checkpoint.
 
-    # judge-free metrics only (offline): two checkpoints and the teacher on two test sets
-    python evaluate.py --models out/gad/final seqkd=out/seqkd/final teacher \
-        --test-sets dolly=data/dolly_test.jsonl vicuna=data/vicuna_test.jsonl --out-dir out/eval
-
+    # judge-free metrics (offline): two checkpoints and the teacher on two test sets -> out/eval/
+    python evaluate.py --models out/gad/ckpt-002400/generator seqkd=out/seqkd/ckpt-002400/generator teacher \
+        --test-sets dolly=data/dolly_test.jsonl vicuna=data/vicuna_test.jsonl
     # add the paper's GPT-4o judge (any OpenAI-compatible endpoint; the key comes from $OPENAI_API_KEY)
-    python evaluate.py --models out/gad/final teacher --test-sets data/lmsys_test.jsonl \
-        --judge --judge-model gpt-4o --both-orders --out-dir out/eval
+    python evaluate.py --models out/gad/ckpt-002400/generator teacher --test-sets data/lmsys_test.jsonl \
+        --judge --judge-model gpt-4o --both-orders
+    # every checkpoint of a train_gad.py run against its step -> out/demo/eval/, and the best one named
+    python evaluate.py --run out/demo --test-sets data/demo.test.jsonl --models teacher --max-new-tokens 48 \
+        --teacher-max-tokens 48 --markers "arr,matey,ahoy,aye,pirate" --select-by marker
+    # training curves of a train_gad.py run -> out/demo/metrics.png
+    python evaluate.py --plot-metrics out/demo/metrics.jsonl
 
-    # training curves of a train_gad.py run -> out/gad/metrics.png
-    python evaluate.py --plot-metrics out/gad/metrics.jsonl
+--models takes `[name=]spec`s: `teacher` (the test set's `teacher` answers); a checkpoint DIR or .gguf
+(answers generated greedily, cached in <out-dir>/generations.jsonl by checkpoint files, prompt and
+settings); or an answers file: our JSONL (`answer`, else `teacher`; this program's answers/*.jsonl too)
+or any format prepare_teacher.py imports (AlpacaEval's model_outputs.json, ...), matched to prompts by
+id when the last user turn agrees too, else by that turn's text. --run DIR adds each
+DIR/ckpt-NNNNNN/generator as ckpt-NNNNNN, draws the --select-by score against the step
+(checkpoints.png) and names the best (ties: the earlier step). --test-sets takes `[name=]FILE`s in our
+JSONL or any single file prepare_teacher.py imports (MiniLLM's dolly/self-inst/vicuna, Self-Instruct,
+AlpacaEval, Arena-Hard model_answer/X.jsonl, FastChat question.jsonl).
 
---models takes a list of `[name=]spec`; spec is one of
-    teacher            the answers in the test set's `teacher` field
-    DIR or FILE.gguf   a checkpoint model.py loads: answers are generated here (greedy, 1536 new
-                       tokens by default) and cached in <out-dir>/generations.jsonl, keyed by the
-                       checkpoint's files, the prompt and the generation settings
-    FILE.jsonl/.json   an answers file: our JSONL (answer in `answer`, else `teacher`; this run's
-                       answers/*.jsonl too) or any format prepare_teacher.py imports, e.g. AlpacaEval's
-                       model_outputs.json; matched to prompts by id when the last user turn agrees
-                       too, else by that turn's text
---test-sets takes `[name=]FILE` in our JSONL format or any single file prepare_teacher.py imports
-(MiniLLM's dolly/self-inst/vicuna valid.jsonl, Self-Instruct's user_oriented_instructions.jsonl,
-AlpacaEval, an Arena-Hard model_answer/X.jsonl with X's answers as the teacher's, FastChat
-question.jsonl); a question file plus a separate answers file is first joined with
-`prepare_teacher.py --import-only --answers`. Names default to the file's base name.
+Judge (MiniLLM / GAD protocol): the judge writes its own reference answer per prompt, then scores the
+model's answer (Assistant 1) and the reference (Assistant 2) 1-10 in one prompt; score = 100 * s_model /
+(s_model + s_ref), 50 = parity. --both-orders also asks swapped and averages, cancelling position bias.
+A reply without two scores on its first line is retried, then listed as failed. Replies are cached in
+<out-dir>/judge_cache.jsonl: a rerun pays only for what is missing.
 
-Judge protocol (MiniLLM / GAD), only with --judge: the judge writes its own reference answer for each prompt, then
-scores (model answer = Assistant 1, reference = Assistant 2) from 1 to 10 in one pairwise prompt;
-score = 100 * s_model / (s_model + s_ref), so 50 = parity. --both-orders also asks with the
-answers swapped and averages the two, cancelling position bias. A reply whose first line is not
-two scores is retried, then counted as failed and listed (a prompt fails if any order fails).
-References and judgments are cached in <out-dir>/judge_cache.jsonl, so a rerun costs nothing.
-
-Judge-free metrics, per answer, against the test set's teacher answer:
-    len     answer length in tokens of the student tokenizer (--tokenizer, default: the first
-            checkpoint's), else in whitespace-separated words
-    cut     percent of answers cut at the length limit (generation did not stop; for answers
-            files and the teacher: finish_reason == "length")
-    p1..p6  BLEU's clipped n-gram precision, in percent, corpus level: over all prompts,
-            sum of min(count in answer, count in teacher) / sum of n-grams in the answer. Words
-            are lowercased \\w+ runs and single punctuation marks. No brevity penalty: a short
-            answer can score high, so read it next to len.
-    rougeL  ROUGE-L F1 in percent (LCS over the same words, beta = 1), mean over prompts
-    dscore  mean raw discriminator score D(prompt, answer) when --discriminator is given
-    judge   the judge score above, when --judge is given
-Every mean comes with a 95% percentile bootstrap interval over prompts (seeded).
-Outputs in --out-dir: results.json (every number, per prompt too), results.md (one table of
-models x test sets per metric), results.png (needs matplotlib), answers/<model>__<set>.jsonl.
+Judge-free metrics (p1..p6 and rougeL against the test set's teacher answer, never for `teacher` itself):
+  len     tokens of the student tokenizer (--tokenizer, default the first checkpoint's), else words
+  cut     % of answers cut at the length limit (files and teacher: finish_reason == "length")
+  p1..p6  BLEU's clipped n-gram precision (%), corpus level, on lowercased \\w+ runs and punctuation
+          marks; no brevity penalty, so read it next to len
+  rougeL  ROUGE-L F1 (%) by the rouge-score package with Porter stemming, as MiniLLM and
+          Super-NaturalInstructions report it; its tokenizer keeps ASCII letters and digits only
+  marker  % of answers with any --markers word (whole words, any case): the demo's persona rate
+  dscore  mean raw D(prompt, answer) with --discriminator
+--teacher-max-tokens N cuts the teacher's answers to N student tokens (counted as cut) wherever they
+are used, so students sampled at N tokens compare like with like. Means carry 95% bootstrap intervals
+over prompts. Writes results.json (per prompt too), results.md, results.png, answers/<model>__<set>.jsonl.
+Exit: 0; 2 bad input or setup (one line; files already written stay whole); 3 the judge scored less
+than --min-judged of some model's prompts (the rest is written); 130 Ctrl-C (the caches are kept).
 """
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -61,11 +56,15 @@ import sys
 from collections import Counter
 
 import numpy as np
+from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 import prepare_teacher as pt
-from model import LoadError, Transformer, end_of_turn_id, generate, load_tokenizer, render_prompt, stop_token_ids
+from data import DataError, read_jsonl, read_rows
+from loading import LoadError, end_of_turn_id, load_tokenizer, read_json, render_prompt, resolve_checkpoint, stop_token_ids
+from model import Transformer, generate
 
+PROG = "evaluate.py"
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 JUDGE_TEMPLATE = (
     "[Question]\n{question}\n\n"
@@ -85,19 +84,17 @@ JUDGE_PROMPT = (
 )
 JUDGE_PAIR_MAX_TOKENS = 512  # the scores are on the first line; FastChat's reviewer used 512 too
 MAX_N = 6
-# metric key -> (table title, format); the order is the order of results.md
+# metric key -> (table title, format), in the order of results.md; all but len and cut: higher is better
 METRICS = {
     "judge": ("judge score (50 = parity with the judge's reference)", "{:.1f}"),
     "rougeL": ("ROUGE-L F1 vs teacher (%)", "{:.1f}"),
     **{f"p{n}": (f"clipped {n}-gram precision vs teacher (%)", "{:.1f}") for n in range(1, MAX_N + 1)},
-    "len": ("answer length (tokens)", "{:.0f}"),
+    "marker": ("answers with a marker word (%)", "{:.1f}"),
+    "len": ("answer length ({unit})", "{:.0f}"),
     "cut": ("answers cut at the length limit (%)", "{:.1f}"),
     "dscore": ("mean discriminator score", "{:.3f}"),
 }
-
-
-class EvalError(Exception):
-    """Bad input or setup: main() prints it as one line and exits non-zero."""
+ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 # -----------------------------------------------------------------------------
@@ -107,43 +104,16 @@ def words(text):
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
-def ngrams(toks, n):
-    return Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
-
-
 def clipped_ngram_matches(cand, ref, n):
     """(matches, total) for BLEU's modified precision: each answer n-gram counts at most as often
     as it appears in the reference. Kept as a pair so the corpus-level ratio can be bootstrapped."""
-    c, r = ngrams(cand, n), ngrams(ref, n)
+    c, r = (Counter(tuple(t[i:i + n]) for i in range(len(t) - n + 1)) for t in (cand, ref))
     return sum(min(k, r[g]) for g, k in c.items()), max(len(cand) - n + 1, 0)
 
 
-def lcs_length(a, b):
-    """Length of the longest common subsequence. This is the textbook DP table
-    L[i][j] = L[i-1][j-1] + 1 if a[i] == b[j] else max(L[i-1][j], L[i][j-1]), computed one row at a
-    time with the row packed into the bits of a Python int (Allison-Dix / Hyyro): a zero bit marks
-    where the row steps up. A pure-Python double loop is ~300x slower on 1000-word answers
-    (0.3 s per pair); tests check this against the plain DP."""
-    if not a or not b:
-        return 0
-    match = {}
-    for j, tok in enumerate(b):
-        match[tok] = match.get(tok, 0) | (1 << j)
-    full = (1 << len(b)) - 1
-    row = full
-    for tok in a:
-        u = row & match.get(tok, 0)
-        row = ((row + u) | (row - u)) & full
-    return len(b) - bin(row).count("1")
-
-
-def rouge_l(cand, ref):
-    """ROUGE-L F1 (beta = 1) between two token lists, in [0, 1]."""
-    lcs = lcs_length(cand, ref)
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(cand), lcs / len(ref)
-    return 2 * p * r / (p + r)
+def rouge_l(answer, reference):
+    """ROUGE-L F1 in [0, 1]. The package's LCS is a plain Python table: 0.2 s for two 1000-word texts."""
+    return ROUGE.score(reference, answer)["rougeL"].fmeasure  # score(target, prediction)
 
 
 def bootstrap(num, den=None, n_boot=1000, seed=0):
@@ -153,14 +123,12 @@ def bootstrap(num, den=None, n_boot=1000, seed=0):
     n = len(num)
     if n == 0 or (den is not None and np.sum(den) == 0):
         return {"mean": None, "lo": None, "hi": None, "n": n}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     if den is None:
         mean, stats = num.mean(), num[idx].mean(axis=1)
     else:
         den = np.asarray(den, dtype=np.float64)
-        mean = num.sum() / den.sum()
-        d = den[idx].sum(axis=1)
+        mean, d = num.sum() / den.sum(), den[idx].sum(axis=1)
         stats = num[idx].sum(axis=1) / np.where(d > 0, d, np.nan)
         stats = stats[~np.isnan(stats)]
     lo, hi = np.percentile(stats, [2.5, 97.5])
@@ -168,43 +136,89 @@ def bootstrap(num, den=None, n_boot=1000, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# data: test sets, model specs, answers files
+# inputs, all checked before any model loads
 
 def parse_spec(spec):
-    """`name=path` -> (name, path); a bare path -> (None, path)."""
+    """`name=path` -> (name, path); a bare path -> (default name, path)."""
     name, sep, rest = spec.partition("=")
     if sep and re.fullmatch(r"[\w.+-]+", name) and rest:
         return name, rest
-    return None, spec
-
-
-def default_name(path):
-    base = os.path.basename(os.path.normpath(path))
-    return re.sub(r"\.(jsonl|json|gguf)$", "", base) or path
-
-
-def pt_call(fn, *args, flag):
-    """prepare_teacher.py's readers exit with "prepare_teacher.py: file:line: why" on bad input: keep
-    the why, name our flag."""
-    try:
-        return fn(*args)
-    except SystemExit as e:
-        raise EvalError(f"{flag}: {str(e).removeprefix(pt.PROG + ': ')}") from None
+    return re.sub(r"\.(jsonl|json|gguf)$", "", os.path.basename(os.path.normpath(spec))) or spec, spec
 
 
 def load_rows(path, flag):
-    """Rows in our data format from our JSONL or any format prepare_teacher.py imports."""
-    if not os.path.isfile(path):
-        raise EvalError(f"{flag}: {path}: no such file")
-    rows = pt_call(pt.import_file, path, flag=flag)
+    """Rows of our format: our JSONL through data.py, any other format converted by prepare_teacher.py."""
+    try:
+        first = next(read_jsonl(path), (None, None))[1] if path.endswith(".jsonl") else None
+        rows = read_rows(path, need_teacher=False) if "messages" in (first or {}) else pt.import_file(path)
+    except DataError as e:
+        raise DataError(f"{flag}: {e}") from None
     if not rows:
-        raise EvalError(f"{flag}: {path}: no rows")
+        raise DataError(f"{flag}: {path}: no rows")
     return rows
 
 
+def run_checkpoints(run):
+    """{ckpt-NNNNNN: (step, its generator dir)} of a train_gad.py run, in step order; ckpt-*.tmp is
+    one still being written."""
+    if not os.path.isdir(run):
+        raise DataError(f"--run {run}: not a directory")
+    found = {}
+    for d in filter(lambda d: re.fullmatch(r"ckpt-\d+", d), os.listdir(run)):
+        gen = os.path.join(run, d, "generator")
+        if os.path.isfile(os.path.join(gen, "config.json")):
+            found[d] = (int(d[5:]), gen)
+        else:
+            print(f"note: {gen} has no config.json: {d} left out")
+    if not found:
+        raise DataError(f"--run {run}: no ckpt-NNNNNN/generator checkpoints in it")
+    return dict(sorted(found.items(), key=lambda kv: kv[1][0]))
+
+
+def load_inputs(args):
+    """Test sets {name: rows}, models {name: (kind, path)} and the run's checkpoints."""
+    sets, ckpts = {}, run_checkpoints(args.run) if args.run else {}
+    for name, path in map(parse_spec, args.test_sets):
+        if name in sets:
+            raise DataError(f"--test-sets: two test sets named '{name}': use name=path")
+        sets[name] = load_rows(path, "--test-sets")[:args.limit]
+    models = {c: ("checkpoint", path) for c, (_, path) in ckpts.items()}
+    for spec in args.models:
+        name, path = parse_spec(spec)
+        if name in models:
+            raise DataError(f"--models: two models named '{name}': use name=path")
+        if path == "teacher":
+            models[name] = ("teacher", path)
+        elif not os.path.exists(path):
+            raise DataError(f"--models: {path}: no such file or directory")
+        elif os.path.isdir(path) or path.endswith(".gguf"):
+            models[name] = ("checkpoint", path)
+        elif path.endswith((".jsonl", ".json")):
+            models[name] = ("answers", path)
+        else:
+            raise DataError(f"--models: {spec}: not 'teacher', a checkpoint directory, a .gguf or an answers file")
+    no_ref = [s for s, rows in sets.items() if not all(r.get("teacher") for r in rows)]
+    if ckpts and args.select_by in ("rougeL", *(f"p{n}" for n in range(1, MAX_N + 1))) and no_ref:
+        raise DataError(f"--select-by {args.select_by} compares with the teacher's answers: test set '{no_ref[0]}' lacks some")
+    if args.discriminator:
+        check_discriminator(args.discriminator)
+    return sets, models, ckpts
+
+
+def check_discriminator(path):
+    """Discriminator.from_pretrained gives a checkpoint without a score head a fresh random one (right
+    for train_gad.py, which starts D from the student); here that would score noise, silently."""
+    if path.endswith(".gguf"):
+        raise DataError(f"--discriminator: {path} is a GGUF file, a generator, never a discriminator "
+                        "(give a run's ckpt-NNNNNN/discriminator)")
+    arch = read_json(os.path.join(resolve_checkpoint(path), "config.json")).get("architectures") or ["none"]
+    if not any(a.endswith("ForSequenceClassification") for a in arch):
+        raise DataError(f"--discriminator: {path} is a {arch[0]} checkpoint, not a discriminator (a "
+                        "*ForSequenceClassification with a score head, such as a run's ckpt-NNNNNN/discriminator)")
+
+
 def prompt_text(messages):
-    """The question shown to the judge: the user turn, or the whole conversation when there is
-    more than one turn."""
+    """The question shown to the judge: the user turn, or the whole conversation."""
     if len(messages) == 1:
         return messages[0]["content"]
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
@@ -214,115 +228,95 @@ def norm_text(s):
     return " ".join(s.split())
 
 
-def last_user(messages):
-    return norm_text(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
-
-
 def match_answers(test_rows, ans_rows, path, set_name):
     """Answer text and cut flag for each test prompt: by id when the last user turn agrees too (ids
     from another source can collide), else by the last user turn's text."""
+    last_user = lambda r: norm_text(next(m["content"] for m in reversed(r["messages"]) if m["role"] == "user"))
     by_id, by_text = {}, {}
     for r in ans_rows:
-        text = r.get("answer", r.get("teacher"))
-        if not isinstance(text, str):
-            continue
-        a = {"answer": text, "cut": r.get("finish_reason") == "length" or r.get("stopped") is False}
-        q = last_user(r["messages"]) if r.get("messages") else None
-        by_id.setdefault(str(r.get("id")), (q, a))
-        if q:
-            by_text.setdefault(q, a)
-    out, missing = [], []
+        if isinstance(text := r.get("answer", r.get("teacher")), str):
+            a = {"answer": text, "cut": r.get("finish_reason") == "length" or r.get("stopped") is False}
+            by_id.setdefault(r["id"], (last_user(r), a))
+            by_text.setdefault(last_user(r), a)
+    out = []
     for r in test_rows:
-        q = last_user(r["messages"])
-        qa = by_id.get(str(r["id"]))
-        a = qa[1] if qa and qa[0] in (None, q) else by_text.get(q)
-        if a is None:
-            missing.append(r["id"])
-        out.append(a)
+        q, hit = last_user(r), by_id.get(r["id"])
+        out.append(hit[1] if hit and hit[0] == q else by_text.get(q))
+    missing = [r["id"] for r, a in zip(test_rows, out) if a is None]
     if missing:
-        raise EvalError(f"--models: {path} has no answer for {len(missing)} of {len(test_rows)} prompts "
+        raise DataError(f"--models: {path} has no answer for {len(missing)} of {len(test_rows)} prompts "
                         f"of test set '{set_name}' (first missing id: {missing[0]})")
     return out
 
 
 def teacher_answers(rows, set_name):
-    bad = [r["id"] for r in rows if not (isinstance(r.get("teacher"), str) and r["teacher"])]
+    bad = [r["id"] for r in rows if not r.get("teacher")]
     if bad:
-        raise EvalError(f"--models teacher: {len(bad)} rows of test set '{set_name}' have no `teacher` answer "
+        raise DataError(f"--models teacher: {len(bad)} rows of test set '{set_name}' have no `teacher` answer "
                         f"(first id: {bad[0]})")
     return [{"answer": r["teacher"], "cut": r.get("finish_reason") == "length"} for r in rows]
 
 
+def cut_teacher(row, tok, n):
+    """The row with its teacher answer cut to n tokens and marked cut, as train_gad.py cuts it for
+    training: what a student that samples at most n tokens is compared with."""
+    ids = tok.encode(row.get("teacher") or "", add_special_tokens=False)
+    if len(ids) <= n:
+        return row
+    return {**row, "teacher": tok.decode(ids[:n], skip_special_tokens=True), "finish_reason": "length"}
+
+
 # -----------------------------------------------------------------------------
-# generation from checkpoints, cached
+# answers: generated from checkpoints (cached), read from files, or the teacher's
 
 def fingerprint(path):
-    """Names, sizes and mtimes of a checkpoint's weight files: a retrained checkpoint written to
-    the same path must not be served from the cache."""
+    """Names, sizes and mtimes of a checkpoint's files: a checkpoint retrained into the same path must
+    not be served from the cache."""
     files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path)
-        if f.endswith((".safetensors", ".gguf", ".bin", ".json")))
-    h = hashlib.sha256()
-    for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
-def gen_settings(args):
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "seed": args.seed if args.temperature > 0 else None}
-
-
-def gen_key(ckpt_id, row, settings):
-    blob = json.dumps([ckpt_id, str(row["id"]), row["messages"], settings], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".gguf", ".json")))
+    blob = ";".join(f"{os.path.basename(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def torch_setup(args):
     import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return torch, device, getattr(torch, dtype)
+    return torch, device, getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
-def generate_answers(path, rows, args, store):
-    """Answers of checkpoint `path` for `rows`; only prompts missing from the cache are sampled."""
-    settings = gen_settings(args)
+def generate_answers(name, path, rows, args, store):
+    """Answers of checkpoint `path` (model `name`) for `rows`; only prompts missing from the cache are sampled."""
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.seed if args.temperature > 0 else None}
     ckpt_id = [os.path.realpath(path), fingerprint(path)]
-    keys = [gen_key(ckpt_id, r, settings) for r in rows]
+    keys = [hashlib.sha256(json.dumps([ckpt_id, r["id"], r["messages"], settings], sort_keys=True).encode()).hexdigest()
+            for r in rows]
     todo = [i for i, k in enumerate(keys) if k not in store]
     if todo:
         torch, device, dtype = torch_setup(args)
         tok = load_tokenizer(path)
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-        model.eval()
-        stop = stop_token_ids(tok)
-        prompts = {i: render_prompt(tok, rows[i]["messages"]) for i in todo}
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+        stop, prompts = stop_token_ids(tok, path), {i: render_prompt(tok, rows[i]["messages"]) for i in todo}
         todo.sort(key=lambda i: -len(prompts[i]))  # similar lengths per batch: less padding
-        bar = tqdm(total=len(todo), desc=f"generate {default_name(path)}", unit="prompt")
-        for b in range(0, len(todo), args.batch_size):
+        for b in tqdm(range(0, len(todo), args.batch_size), desc=f"generate {name}", unit="batch"):
             batch = todo[b:b + args.batch_size]
             outs = generate(model, [prompts[i] for i in batch], n=1, stop_ids=stop, **settings)
-            for i, o in zip(batch, outs):
-                toks = list(o.tokens)[:-1] if o.stopped else list(o.tokens)
-                store.append({"key": keys[i], "checkpoint": os.path.realpath(path), "id": str(rows[i]["id"]),
-                              "settings": settings, "answer": tok.decode(toks, skip_special_tokens=True),
-                              "n_tokens": len(toks), "stopped": bool(o.stopped)})
-            bar.update(len(batch))
-        bar.close()
+            for i, o in zip(batch, outs):  # cached batch by batch: Ctrl-C loses one batch at most
+                toks = o.tokens[:-1] if o.stopped else o.tokens
+                store.append({"key": keys[i], "checkpoint": ckpt_id[0], "id": rows[i]["id"], "settings": settings,
+                              "answer": tok.decode(toks, skip_special_tokens=True), "n_tokens": len(toks),
+                              "stopped": bool(o.stopped)})
         del model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    recs = [store.records[k] for k in keys]
-    return [{"answer": r["answer"], "cut": not r["stopped"]} for r in recs]
+    return [{"answer": store.records[k]["answer"], "cut": not store.records[k]["stopped"]} for k in keys]
 
 
 def collect_answers(models, sets, args):
     """{(set, model): [{answer, cut}] in the set's order}; also written to <out-dir>/answers/."""
-    gen_store = None
-    if any(k == "checkpoint" for k, _ in models.values()):
-        gen_store = pt_call(pt.JsonlStore, os.path.join(args.out_dir, "generations.jsonl"), flag="--out-dir")
+    store = None
+    if any(kind == "checkpoint" for kind, _ in models.values()):
+        store = pt.JsonlStore(os.path.join(args.out_dir, "generations.jsonl"))
     answers = {}
     try:
         for m, (kind, path) in models.items():
@@ -333,15 +327,14 @@ def collect_answers(models, sets, args):
                 elif kind == "answers":
                     answers[s, m] = match_answers(rows, ans_rows, path, s)
                 else:
-                    answers[s, m] = generate_answers(path, rows, args, gen_store)
-                with open(os.path.join(args.out_dir, "answers", f"{m}__{s}.jsonl"), "w") as f:
-                    for r, a in zip(rows, answers[s, m]):
-                        f.write(json.dumps({"id": r["id"], "messages": r["messages"], "answer": a["answer"],
-                                            "finish_reason": "length" if a["cut"] else "stop", "model": m},
-                                           ensure_ascii=False) + "\n")
+                    answers[s, m] = generate_answers(m, path, rows, args, store)
+                lines = [json.dumps({"id": r["id"], "messages": r["messages"], "answer": a["answer"], "model": m,
+                                     "finish_reason": "length" if a["cut"] else "stop"}, ensure_ascii=False) + "\n"
+                         for r, a in zip(rows, answers[s, m])]
+                pt.write_atomic(os.path.join(args.out_dir, "answers", f"{m}__{s}.jsonl"), "".join(lines).encode())
     finally:
-        if gen_store is not None:
-            gen_store.close()
+        if store is not None:
+            store.close()
     return answers
 
 
@@ -351,20 +344,15 @@ def discriminator_scores(path, rows, answers, args):
     from discriminator import Discriminator  # here: evaluating without a discriminator needs none of it
     torch, device, dtype = torch_setup(args)
     tok = load_tokenizer(path)
-    eot = end_of_turn_id(tok)
-    disc = Discriminator.from_pretrained(path, dtype=dtype, device=device).eval()
-    seqs = [render_prompt(tok, r["messages"]) + tok.encode(a["answer"], add_special_tokens=False)
-            + ([] if a["cut"] else [eot]) for r, a in zip(rows, answers)]
+    disc, eot = Discriminator.from_pretrained(path, dtype=dtype, device=device).eval(), end_of_turn_id(tok)
+    seqs = [torch.tensor(render_prompt(tok, r["messages"]) + tok.encode(a["answer"], add_special_tokens=False)
+                         + ([] if a["cut"] else [eot])) for r, a in zip(rows, answers)]
     scores = []
     for b in range(0, len(seqs), args.batch_size):
         batch = seqs[b:b + args.batch_size]
-        lengths = torch.tensor([len(s) for s in batch], device=device)
-        ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long, device=device)
-        for j, s in enumerate(batch):
-            ids[j, :len(s)] = torch.tensor(s, device=device)
+        ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True).to(device)  # D reads each row's length
         with torch.no_grad():
-            scores += disc(ids, lengths).float().cpu().tolist()
-    del disc
+            scores += disc(ids, torch.tensor([len(s) for s in batch], device=device)).float().cpu().tolist()
     return scores
 
 
@@ -386,97 +374,94 @@ def parse_scores(text):
 
 def pair_messages(question, a1, a2):
     return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_TEMPLATE.format(question=question, answer_1=a1,
-                                                              answer_2=a2, prompt=JUDGE_PROMPT)}]
+            {"role": "user", "content": JUDGE_TEMPLATE.format(question=question, answer_1=a1, answer_2=a2, prompt=JUDGE_PROMPT)}]
 
 
 def run_calls(client, args, calls, store, kind):
-    """Make the uncached calls ({key, messages, max_tokens, validate}) on a thread pool, caching each
-    reply as it comes. Returns ({key: text}, {key: failure reason}); failures are not cached, so a
-    rerun tries them again."""
-    todo = {c["key"]: c for c in calls if c["key"] not in store}
+    """Make the uncached calls {key: (messages, max_tokens, validate)} on a thread pool, caching each
+    reply as it comes. Returns ({key: text}, {key: why it failed}); failures are not cached, so a rerun
+    tries them again."""
+    todo = [k for k in calls if k not in store]
     if todo:
-        print(f"judge: {len(todo)} {kind} calls to {args.judge_model} ({len(set(c['key'] for c in calls)) - len(todo)} cached)")
+        print(f"judge: {len(todo)} {kind} calls to {args.judge_model} ({len(calls) - len(todo)} cached)", flush=True)
 
-    def call(c):
+    def call(k):
+        msgs, max_tokens, validate = calls[k]
         try:
-            r = pt.chat_with_retry(client, args.judge_model, c["messages"], temperature=args.judge_temperature,
-                                   max_tokens=c["max_tokens"], retries=args.judge_retries, validate=c["validate"])
+            r = pt.chat_with_retry(client, args.judge_model, msgs, temperature=args.judge_temperature,
+                                   max_tokens=max_tokens, retries=args.judge_retries, validate=validate)
         except pt.RetryError as e:
             return str(e)
-        store.append({"key": c["key"], "kind": kind, "judge": args.judge_model, "text": r["text"],
-                      "finish_reason": r["finish_reason"], "usage": r["usage"], "attempts": r["attempts"]})
-        return None
+        store.append({"key": k, "kind": kind, "judge": args.judge_model, **r})
 
-    errors = pt.run_pool(list(todo.values()), call, concurrency=args.judge_workers, desc=kind, unit="call")
-    failed = {k: e for k, e in zip(todo, errors) if e is not None}
-    return {c["key"]: store.records[c["key"]]["text"] for c in calls if c["key"] in store}, failed
+    errors = pt.run_pool(todo, call, concurrency=args.judge_workers, desc=kind, unit="call")
+    return {k: store.records[k]["text"] for k in calls if k in store}, dict(zip(todo, errors))
 
 
 def judge(client, args, store, sets, answers):
-    """Judge scores per (set, model): list of per-prompt records."""
-    params = {"temperature": args.judge_temperature}
+    """Per (set, model): one record per prompt, {"id", "score", "order1": [s_model, s_ref], ...}."""
+    key = lambda msgs, max_tokens: pt.request_key(args.judge_model, msgs, {"temperature": args.judge_temperature,
+                                                                           "max_tokens": max_tokens})
     # 1. the judge's own reference answer, once per prompt, shared by every model
-    ref_key = {}
-    calls = []
-    for s, rows in sets.items():
-        for r in rows:
-            k = pt.request_key(args.judge_model, r["messages"], {**params, "max_tokens": args.judge_max_tokens})
-            ref_key[s, r["id"]] = k
-            # chat_with_retry already retries an empty reply
-            calls.append({"key": k, "messages": r["messages"], "max_tokens": args.judge_max_tokens, "validate": None})
-    refs, ref_failed = run_calls(client, args, calls, store, "reference")
+    ref_key = {(s, r["id"]): key(r["messages"], args.judge_max_tokens) for s, rows in sets.items() for r in rows}
+    refs, ref_failed = run_calls(client, args, {ref_key[s, r["id"]]: (r["messages"], args.judge_max_tokens, None)
+                                                for s, rows in sets.items() for r in rows}, store, "reference")
     # 2. one pairwise prompt per answer and order; 1 = model first (paper order), 2 = swapped
     orders = (1, 2) if args.both_orders else (1,)
-    calls, plan = [], {}
+    calls, plan = {}, {}
     for (s, m), ans in answers.items():
         for r, a in zip(sets[s], ans):
-            rk = ref_key[s, r["id"]]
-            if rk not in refs:
-                continue
-            q = prompt_text(r["messages"])
-            for o in orders:
-                msgs = pair_messages(q, a["answer"], refs[rk]) if o == 1 else pair_messages(q, refs[rk], a["answer"])
-                k = pt.request_key(args.judge_model, msgs, {**params, "max_tokens": JUDGE_PAIR_MAX_TOKENS})
-                plan[s, m, r["id"], o] = k
-                calls.append({"key": k, "messages": msgs, "max_tokens": JUDGE_PAIR_MAX_TOKENS, "validate": parse_scores})
+            ref = refs.get(ref_key[s, r["id"]])
+            for o in orders if ref is not None else ():
+                pair = (a["answer"], ref) if o == 1 else (ref, a["answer"])
+                msgs = pair_messages(prompt_text(r["messages"]), *pair)
+                plan[s, m, r["id"], o] = k = key(msgs, JUDGE_PAIR_MAX_TOKENS)
+                calls[k] = (msgs, JUDGE_PAIR_MAX_TOKENS, parse_scores)
     texts, failed = run_calls(client, args, calls, store, "judgment")
     out = {}
     for (s, m) in answers:
-        recs = []
+        out[s, m] = recs = []
         for r in sets[s]:
-            rec = {"id": r["id"], "score": None}
-            rk = ref_key[s, r["id"]]
+            rec, rk = {"id": r["id"], "score": None}, ref_key[s, r["id"]]
+            recs.append(rec)
             if rk not in refs:
                 rec["failed"] = f"reference: {ref_failed.get(rk)}"
-                recs.append(rec)
                 continue
-            per = []
             for o in orders:
-                k = plan[s, m, r["id"], o]
-                if k not in texts:
+                if (k := plan[s, m, r["id"], o]) not in texts:
                     rec["failed"] = f"order {o}: {failed.get(k)}"
                     break
                 s1, s2 = parse_scores(texts[k])
-                sm, sr = (s1, s2) if o == 1 else (s2, s1)
-                rec[f"order{o}"] = [sm, sr]
-                per.append(100 * sm / (sm + sr))
-            if "failed" not in rec:
-                rec["score"] = sum(per) / len(per)
-            recs.append(rec)
-        out[s, m] = recs
+                rec[f"order{o}"] = [s1, s2] if o == 1 else [s2, s1]  # [model, reference]
+            else:
+                rec["score"] = float(np.mean([100 * rec[f"order{o}"][0] / sum(rec[f"order{o}"]) for o in orders]))
     return out
 
 
 # -----------------------------------------------------------------------------
-# summaries, table, charts
+# summaries, tables, charts
+
+def per_prompt_metrics(rows, answers, count, markers, vs_teacher):
+    """Judge-free metrics of one model's answers on one test set, one record per prompt."""
+    out = []
+    for r, a in zip(rows, answers):
+        p = {"id": r["id"], "len": count(a["answer"]), "cut": a["cut"]}
+        if markers is not None:
+            p["marker"] = bool(markers.search(a["answer"]))
+        if vs_teacher and r.get("teacher"):
+            p["rougeL"] = 100 * rouge_l(a["answer"], r["teacher"])
+            p["ngram"] = [clipped_ngram_matches(words(a["answer"]), words(r["teacher"]), n) for n in range(1, MAX_N + 1)]
+        out.append(p)
+    return out
+
 
 def summarize(per, args):
     """Per-prompt records of one (set, model) -> {metric: {mean, lo, hi, n}, ...}."""
     b = lambda num, den=None: bootstrap(num, den, args.bootstrap, args.seed)
     res = {"len": b([p["len"] for p in per]), "cut": b([100.0 * p["cut"] for p in per])}
-    with_ref = [p for p in per if "rougeL" in p]
-    if with_ref:
+    if any("marker" in p for p in per):
+        res["marker"] = b([100.0 * p["marker"] for p in per])
+    if with_ref := [p for p in per if "rougeL" in p]:
         res["rougeL"] = b([p["rougeL"] for p in with_ref])
         for n in range(1, MAX_N + 1):
             res[f"p{n}"] = b([100.0 * p["ngram"][n - 1][0] for p in with_ref], [p["ngram"][n - 1][1] for p in with_ref])
@@ -484,35 +469,33 @@ def summarize(per, args):
         res["dscore"] = b([p["dscore"] for p in per])
     if any("judge" in p for p in per):
         ok = [p["judge"] for p in per if p["judge"]["score"] is not None]
-        res["judge"] = b([j["score"] for j in ok])
-        res["judge"]["n_failed"] = len(per) - len(ok)
-        res["judge"]["failed"] = {str(p["id"]): p["judge"]["failed"] for p in per if p["judge"]["score"] is None}
-        res["judge"]["s_model"] = float(np.mean([j["order1"][0] for j in ok])) if ok else None
-        res["judge"]["s_ref"] = float(np.mean([j["order1"][1] for j in ok])) if ok else None
+        res["judge"] = j = b([x["score"] for x in ok])
+        j["n_failed"] = len(per) - len(ok)
+        j["failed"] = {p["id"]: p["judge"]["failed"] for p in per if p["judge"]["score"] is None}
+        j["s_model"] = float(np.mean([x["order1"][0] for x in ok])) if ok else None
+        j["s_ref"] = float(np.mean([x["order1"][1] for x in ok])) if ok else None
         if args.both_orders and ok:
             # how much the judge favours Assistant 1: the position bias the second order cancels
-            res["judge"]["order1_score"] = float(np.mean([100 * j["order1"][0] / sum(j["order1"]) for j in ok]))
-            res["judge"]["order2_score"] = float(np.mean([100 * j["order2"][0] / sum(j["order2"]) for j in ok]))
+            j["order1_score"] = float(np.mean([100 * x["order1"][0] / sum(x["order1"]) for x in ok]))
+            j["order2_score"] = float(np.mean([100 * x["order2"][0] / sum(x["order2"]) for x in ok]))
     return res
 
 
 def cell(m, fmt):
+    """One table cell: mean [interval]; empty where the metric does not apply (a model against itself)."""
     if m is None:
-        return "-"
+        return ""
     s = "-" if m["mean"] is None else f"{fmt.format(m['mean'])} [{fmt.format(m['lo'])}, {fmt.format(m['hi'])}]"
     return s + (f" ({m['n_failed']} failed)" if m.get("n_failed") else "")
 
 
-def markdown(results, models, sets, length_unit):
+def markdown(results, models, sets, unit):
     parts = []
     for key, (title, fmt) in METRICS.items():
-        title = f"answer length ({length_unit})" if key == "len" else title
-        if not any(key in results[s][m] for s in sets for m in models):
-            continue
-        lines = [f"### {title}", "", "| model | " + " | ".join(f"{s} (n={len(sets[s])})" for s in sets) + " |",
-                 "|---|" + "---|" * len(sets)]
-        lines += [f"| {m} | " + " | ".join(cell(results[s][m].get(key), fmt) for s in sets) + " |" for m in models]
-        parts.append("\n".join(lines))
+        if any(key in results[s][m] for s in sets for m in models):
+            rows = [f"| {m} | " + " | ".join(cell(results[s][m].get(key), fmt) for s in sets) + " |" for m in models]
+            parts.append("\n".join([f"### {title.format(unit=unit)}", "", "| model | " + " | ".join(
+                f"{s} (n={len(sets[s])})" for s in sets) + " |", "|---|" + "---|" * len(sets), *rows]))
     return "Mean [95% bootstrap interval]\n\n" + "\n\n".join(parts) + "\n"
 
 
@@ -526,31 +509,55 @@ def pyplot():
         return None
 
 
-def plot_results(results, models, sets, path, length_unit):
-    plt = pyplot()
-    if plt is None:
-        print(f"note: matplotlib is not installed, {path} not written")
-        return False
-    keys = [k for k in ("judge", "rougeL", "p4", "len") if any(k in results[s][m] for s in sets for m in models)]
+def save_png(plt, fig, path):
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    pt.write_atomic(path, buf.getvalue())
+
+
+def interval(vals):
+    """Means and error-bar half-widths of bootstrap records; NaN, drawn as nothing, where absent."""
+    vals = [v if v and v["mean"] is not None else {"mean": np.nan, "lo": np.nan, "hi": np.nan} for v in vals]
+    mean = np.array([v["mean"] for v in vals])
+    return mean, np.nan_to_num([mean - [v["lo"] for v in vals], [v["hi"] for v in vals] - mean])
+
+
+def plot_results(plt, results, models, sets, path, unit):
+    keys = [k for k in ("judge", "rougeL", "p4", "marker", "len") if any(k in results[s][m] for s in sets for m in models)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
     width = 0.8 / len(models)
     for ax, key in zip(axes[0], keys):
         for j, m in enumerate(models):
-            vals = [results[s][m].get(key) or {"mean": None} for s in sets]
+            mean, err = interval([results[s][m].get(key) for s in sets])
             xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(sets))]
-            mean = [v["mean"] if v["mean"] is not None else np.nan for v in vals]
-            err = [[mu - v["lo"] if v["mean"] is not None else 0 for mu, v in zip(mean, vals)],
-                   [v["hi"] - mu if v["mean"] is not None else 0 for mu, v in zip(mean, vals)]]
             ax.bar(xs, mean, width, yerr=err, capsize=2, label=m)
         if key == "judge":
             ax.axhline(50, color="gray", lw=0.8, ls="--")
         ax.set_xticks(range(len(sets)), list(sets), rotation=20)
-        ax.set_title(f"answer length ({length_unit})" if key == "len" else METRICS[key][0], fontsize=9)
+        ax.set_title(METRICS[key][0].format(unit=unit), fontsize=9)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    save_png(plt, fig, path)
+
+
+def plot_checkpoints(plt, results, ckpts, others, sets, key, best, path, unit):
+    """The --select-by score of each checkpoint against its step with its 95% interval, one line per
+    test set; the other models (the teacher, a baseline) as dashed levels."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps = [step for step, _ in ckpts.values()]
+    for s in sets:
+        mean, err = interval([results[s][c].get(key) for c in ckpts])
+        line, = ax.plot(steps, mean, marker="o", label=s)
+        ax.fill_between(steps, mean - err[0], mean + err[1], color=line.get_color(), alpha=0.2)
+        for m in others:
+            if (results[s][m].get(key) or {}).get("mean") is not None:
+                ax.axhline(results[s][m][key]["mean"], color=line.get_color(), ls="--", lw=0.8, label=f"{m} ({s})")
+    if best:
+        ax.axvline(ckpts[best][0], color="gray", ls=":", label=f"best: {best}")
+    ax.set(xlabel="step", title=METRICS[key][0].format(unit=unit))
+    ax.legend(fontsize=8)
+    save_png(plt, fig, path)
 
 
 # panel title -> train_gad.py metrics drawn in it
@@ -560,190 +567,201 @@ TRAIN_PANELS = [("discriminator accuracy", ["d_acc"]), ("discriminator loss", ["
 
 
 def plot_metrics(path, out):
-    """Training curves from train_gad.py's metrics.jsonl; absent fields just leave a panel out."""
-    if not os.path.isfile(path):
-        raise EvalError(f"--plot-metrics: {path}: no such file")
+    """Training curves from train_gad.py's metrics.jsonl (whose torn last line, from a run killed
+    mid-write, is skipped); absent fields leave a panel out. False when matplotlib is missing."""
     rows = []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i >= len(lines) - 1:  # a torn last line from a run killed mid-write
-                print(f"note: {path}:{i}: skipping a torn last line")
-                continue
-            raise EvalError(f"--plot-metrics: {path}:{i}: not valid JSON") from None
+    for where, rec in read_jsonl(path, torn_ok=True):
         if not isinstance(rec, dict):
-            raise EvalError(f"--plot-metrics: {path}:{i}: a JSON object is expected")
+            raise DataError(f"--plot-metrics: {where}: a JSON object is expected")
         rows.append(rec)
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     panels = [(t, [k for k in ks if any(num(r.get(k)) for r in rows)]) for t, ks in TRAIN_PANELS]
-    panels = [(t, ks) for t, ks in panels if ks]
-    if not panels:
-        raise EvalError(f"--plot-metrics: {path}: none of {', '.join(k for _, ks in TRAIN_PANELS for k in ks)} found")
-    plt = pyplot()
-    if plt is None:
+    if not (panels := [(t, ks) for t, ks in panels if ks]):
+        raise DataError(f"--plot-metrics: {path}: none of {', '.join(k for _, ks in TRAIN_PANELS for k in ks)} found")
+    if (plt := pyplot()) is None:
         print(f"note: matplotlib is not installed, {out} not written")
         return False
     step = lambda i, r: r["step"] if num(r.get("step")) else i
     # where the stage changes (warmup -> gad), drawn in every panel
     bounds = [(step(i, r), r["stage"]) for i, r in enumerate(rows)
-              if r.get("stage") is not None and (i == 0 or r.get("stage") != rows[i - 1].get("stage"))]
-    cols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / cols)
+              if i > 0 and r.get("stage") is not None and r.get("stage") != rows[i - 1].get("stage")]
+    cols, nrows = min(3, len(panels)), math.ceil(len(panels) / 3)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, ks) in zip(axes.flat, panels):
         for k in ks:
-            pts = [(step(i, r), r[k]) for i, r in enumerate(rows) if num(r.get(k))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1)
-        for x, stage in bounds[1:]:
+            ax.plot(*zip(*[(step(i, r), r[k]) for i, r in enumerate(rows) if num(r.get(k))]), label=k, lw=1)
+        for x, stage in bounds:
             ax.axvline(x, color="gray", ls=":", lw=0.8)
             ax.text(x, ax.get_ylim()[1], f" {stage}", fontsize=7, va="top", color="gray")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set(title=title, xlabel="step")
         if len(ks) > 1:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_png(plt, fig, out)
     print(f"wrote {out}")
     return True
 
 
 # -----------------------------------------------------------------------------
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=[], help="[name=]spec: teacher, a checkpoint, or an answers file")
-    p.add_argument("--test-sets", nargs="+", default=[], help="[name=]file: our JSONL or an importable format")
-    p.add_argument("--out-dir", default="out/eval")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each test set")
-    # generation
-    p.add_argument("--max-new-tokens", type=int, default=1536)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--tokenizer", default=None, help="for answer lengths; default: the first checkpoint's")
-    # judge
-    p.add_argument("--judge", action="store_true", help="score with the judge (costs API calls)")
-    p.add_argument("--judge-model", default="gpt-4o")
-    p.add_argument("--judge-base-url", default=None, help="any OpenAI-compatible endpoint")
-    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    p.add_argument("--judge-temperature", type=float, default=0.0)
-    p.add_argument("--judge-max-tokens", type=int, default=2048, help="for the judge's reference answers")
-    p.add_argument("--judge-workers", type=int, default=8)
-    p.add_argument("--judge-retries", type=int, default=6)
-    p.add_argument("--both-orders", action="store_true", help="also judge with the answers swapped, and average")
-    # the rest
-    p.add_argument("--discriminator", default=None, help="a discriminator checkpoint: adds the mean D score")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--plot-metrics", default=None, help="train_gad.py's metrics.jsonl: draw the training curves")
-    p.add_argument("--plot-out", default=None, help="PNG for --plot-metrics (default: next to it)")
-    args = p.parse_args(argv)
-    if not args.plot_metrics and not (args.models and args.test_sets):
-        p.error("give --models and --test-sets, or --plot-metrics")
-    if bool(args.models) != bool(args.test_sets):
-        p.error("--models and --test-sets go together")
-    for flag in ("max_new_tokens", "batch_size", "judge_workers", "bootstrap", "judge_max_tokens"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be >= 1")
-    return args
+def select_checkpoint(results, ckpts, sets, key):
+    """The checkpoint with the highest mean `key` over the test sets (max() keeps the first of equals:
+    the earlier step). Returns (its record for results.json, the line that names it)."""
+    scores = {c: float(np.mean(means)) for c in ckpts
+              if None not in (means := [(results[s][c].get(key) or {}).get("mean") for s in sets])}
+    if not scores:  # the judge failed on every prompt: the exit status says so
+        return {"by": key, "best": None, "scores": {}}, f"no checkpoint has a {key} score: none named best"
+    best = max(scores, key=scores.get)
+    (step, path), fmt = ckpts[best], METRICS[key][1]
+    if len(sets) == 1:
+        how = key + " " + cell(results[next(iter(sets))][best][key], fmt)
+    else:
+        how = f"mean {key} over {len(sets)} test sets {fmt.format(scores[best])}"
+    line = f"best checkpoint by {key}: {os.path.dirname(path)} (step {step}; {how})"
+    return {"by": key, "best": best, "step": step, "path": path, "scores": scores}, line
 
 
 def evaluate(args):
-    sets = {}
-    for spec in args.test_sets:
-        name, path = parse_spec(spec)
-        name = name or default_name(path)
-        if name in sets:
-            raise EvalError(f"--test-sets: two test sets named '{name}': use name=path")
-        sets[name] = load_rows(path, "--test-sets")[:args.limit]
-    models = {}
-    for spec in args.models:
-        name, path = parse_spec(spec)
-        if path == "teacher":
-            kind = "teacher"
-        elif os.path.isdir(path) or path.endswith(".gguf"):
-            kind = "checkpoint"
-        elif path.endswith((".jsonl", ".json")):
-            kind = "answers"
-        else:
-            raise EvalError(f"--models: {spec}: not 'teacher', a checkpoint directory, a .gguf or an answers file")
-        if kind != "teacher" and not os.path.exists(path):
-            raise EvalError(f"--models: {path}: no such file or directory")
-        name = name or default_name(path)
-        if name in models:
-            raise EvalError(f"--models: two models named '{name}': use name=path")
-        models[name] = (kind, path)
-    os.makedirs(os.path.join(args.out_dir, "answers"), exist_ok=True)
+    """Everything but --plot-metrics; returns the exit status."""
+    sets, models, ckpts = load_inputs(args)
+    try:  # before any model loads: a bad --out-dir costs nothing
+        os.makedirs(os.path.join(args.out_dir, "answers"), exist_ok=True)
+    except OSError as e:
+        why = "exists and is not a directory" if os.path.isfile(args.out_dir) else f"cannot be created ({e.strerror})"
+        raise DataError(f"--out-dir {args.out_dir}: {why}") from None
+    if args.judge:  # now, not after an hour of generation: a missing key shows at once
+        client = pt.make_client(args.judge_base_url, args.judge_api_key_env, timeout=args.judge_timeout,
+                                max_retries=args.judge_retries, flag="--judge-api-key-env")
+    tok_name, tok_path = next(((m, p) for m, (k, p) in models.items() if k == "checkpoint"), (None, None))
+    if args.tokenizer:
+        tok_name, tok_path = parse_spec(args.tokenizer)[0], args.tokenizer
+    tok = load_tokenizer(tok_path) if tok_path else None
+    if args.teacher_max_tokens:
+        if tok is None:
+            raise DataError("--teacher-max-tokens counts tokens: give --tokenizer or a checkpoint")
+        sets = {s: [cut_teacher(r, tok, args.teacher_max_tokens) for r in rows] for s, rows in sets.items()}
+    count = (lambda t: len(tok.encode(t, add_special_tokens=False))) if tok else (lambda t: len(t.split()))
+    markers = re.compile(r"\b(" + "|".join(map(re.escape, args.markers)) + r")\b", re.I) if args.markers else None
 
-    # answers of every model on every set
     answers = collect_answers(models, sets, args)
-
-    # judge-free metrics
-    tok_path = args.tokenizer or next((p for k, p in models.values() if k == "checkpoint"), None)
-    if tok_path:
-        tok = load_tokenizer(tok_path)
-        count = lambda t: len(tok.encode(t, add_special_tokens=False))
-    else:
-        count = lambda t: len(t.split())
-    per = {}
-    for (s, m), ans in answers.items():
-        per[s, m] = []
-        for r, a in zip(sets[s], ans):
-            p = {"id": r["id"], "len": count(a["answer"]), "cut": a["cut"]}
-            if isinstance(r.get("teacher"), str) and r["teacher"]:
-                cw, rw = words(a["answer"]), words(r["teacher"])
-                p["rougeL"] = 100 * rouge_l(cw, rw)
-                p["ngram"] = [clipped_ngram_matches(cw, rw, n) for n in range(1, MAX_N + 1)]
-            per[s, m].append(p)
+    per = {(s, m): per_prompt_metrics(sets[s], ans, count, markers, vs_teacher=models[m][0] != "teacher")
+           for (s, m), ans in answers.items()}
     if args.discriminator:
         for (s, m), ans in tqdm(answers.items(), desc="discriminator", unit="set"):
             for p, d in zip(per[s, m], discriminator_scores(args.discriminator, sets[s], ans, args)):
                 p["dscore"] = d
     if args.judge:
-        client = pt.make_client(base_url=args.judge_base_url, api_key_env=args.judge_api_key_env)
-        judge_store = pt_call(pt.JsonlStore, os.path.join(args.out_dir, "judge_cache.jsonl"), flag="--out-dir")
+        store = pt.JsonlStore(os.path.join(args.out_dir, "judge_cache.jsonl"))
         try:
-            judged = judge(client, args, judge_store, sets, answers)
+            for k, recs in judge(client, args, store, sets, answers).items():
+                for p, j in zip(per[k], recs):
+                    p["judge"] = j
         finally:
-            judge_store.close()
-        for k, recs in judged.items():
-            for p, j in zip(per[k], recs):
-                p["judge"] = j
+            store.close()
 
     results = {s: {m: summarize(per[s, m], args) for m in models} for s in sets}
-    config = {k: v for k, v in vars(args).items() if k not in ("plot_metrics", "plot_out")}
-    config["length_unit"] = f"tokens, {default_name(tok_path)} tokenizer" if tok_path else "whitespace words"
-    config["tokenizer"] = tok_path
-    out = {"config": config, "models": {m: {"kind": k, "path": p} for m, (k, p) in models.items()},
+    unit = f"tokens, {tok_name} tokenizer" if tok_path else "whitespace words"
+    out = {"config": {**{k: v for k, v in vars(args).items() if k not in ("plot_metrics", "plot_out")},
+                      "length_unit": unit, "tokenizer": tok_path},
+           "models": {m: {"kind": k, "path": p, **({"step": ckpts[m][0]} if m in ckpts else {})} for m, (k, p) in models.items()},
            "test_sets": {s: len(r) for s, r in sets.items()}, "results": results,
            "per_prompt": {s: {m: per[s, m] for m in models} for s in sets}}
-    with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    md = markdown(results, list(models), sets, config["length_unit"])
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(md)
-    png = plot_results(results, list(models), sets, os.path.join(args.out_dir, "results.png"), config["length_unit"])
+    best_line = ""
+    if ckpts:
+        out["selection"], best_line = select_checkpoint(results, ckpts, sets, args.select_by)
+    md = markdown(results, list(models), sets, unit)
+    pt.write_atomic(os.path.join(args.out_dir, "results.json"), json.dumps(out, indent=1).encode())
+    pt.write_atomic(os.path.join(args.out_dir, "results.md"), (md + (f"\n{best_line}\n" if best_line else "")).encode())
+    written = ["results.json", "results.md"]
+    if (plt := pyplot()) is None:
+        print("note: matplotlib is not installed, no charts written")
+    else:
+        plot_results(plt, results, list(models), sets, os.path.join(args.out_dir, "results.png"), unit)
+        written.append("results.png")
+        if ckpts:
+            plot_checkpoints(plt, results, ckpts, [m for m in models if m not in ckpts], sets, args.select_by,
+                             out["selection"]["best"], os.path.join(args.out_dir, "checkpoints.png"), unit)
+            written.append("checkpoints.png")
     print(md)
+    print(f"wrote {args.out_dir}/" + ", ".join(written))
+    short = []
     for s in sets:
         for m in models:
-            j = results[s][m].get("judge")
-            if j and j["n_failed"]:
+            if (j := results[s][m].get("judge")) and j["n_failed"]:
                 print(f"warning: judge failed on {j['n_failed']} prompts of {m} on {s} (listed in results.json)")
-    print(f"wrote {args.out_dir}/results.json, results.md" + (", results.png" if png else ""))
-    return out
+                if j["n"] < args.min_judged * len(sets[s]):
+                    short.append(f"{j['n']} of {len(sets[s])} prompts of {m} on {s}")
+    if best_line:
+        print(best_line)
+    if short:
+        sys.stdout.flush()
+        print(f"{PROG}: failed: the judge scored only {'; '.join(short)}, below --min-judged {args.min_judged} "
+              "(results are written; a rerun retries the failed calls)", file=sys.stderr)
+        return 3
+    return 0
+
+
+def word_list(text):
+    """--markers: comma-separated words (argparse types for numbers and key names: prepare_teacher.py's)."""
+    if not (markers := [m.strip() for m in text.split(",") if m.strip()]):
+        raise argparse.ArgumentTypeError("a comma-separated list of words is expected")
+    return markers
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a, pos_int, nonneg = p.add_argument, pt.positive_int, pt.nonneg_float
+    a("--models", nargs="+", default=[], help="[name=]spec: teacher, a checkpoint, or an answers file")
+    a("--test-sets", nargs="+", default=[], help="[name=]file: our JSONL or an importable format")
+    a("--run", default=None, help="a train_gad.py --out-dir: score each ckpt-*/generator, name the best")
+    a("--select-by", default=None, choices=[k for k in METRICS if k not in ("len", "cut")],
+      help="the score that picks the best checkpoint (default: judge with --judge, else rougeL)")
+    a("--out-dir", default=None, help="default: out/eval, or RUN/eval with --run")
+    a("--limit", type=pos_int, default=None, help="only the first N prompts of each test set")
+    # generation
+    a("--max-new-tokens", type=pos_int, default=1536)
+    a("--temperature", type=nonneg, default=0.0, help="0 = greedy (the paper)")
+    a("--top-p", type=pt.number("top_p", float, lambda v: 0 < v <= 1), default=1.0)
+    a("--seed", type=int, default=0, help="sampling and bootstrap seed")
+    a("--batch-size", type=pos_int, default=16)
+    a("--device", default=None, help="default: cuda when available, else cpu")
+    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    a("--tokenizer", default=None, help="counts lengths and --teacher-max-tokens; default: the first checkpoint's")
+    a("--teacher-max-tokens", type=pos_int, default=None, help="cut the teacher's answers to N tokens (counted as "
+      "cut); set it to the students' --max-new-tokens to compare like with like")
+    a("--markers", type=word_list, default=None, help="comma-separated words: adds the marker (persona) rate")
+    # judge
+    a("--judge", action="store_true", help="score with the judge (costs API calls)")
+    a("--judge-model", default="gpt-4o")
+    a("--judge-base-url", default=None, help="any OpenAI-compatible endpoint")
+    a("--judge-api-key-env", type=pt.key_env, default="OPENAI_API_KEY", help="the NAME of the variable holding the key")
+    a("--judge-temperature", type=nonneg, default=0.0)
+    a("--judge-max-tokens", type=pos_int, default=2048, help="for the judge's reference answers")
+    a("--judge-workers", type=pos_int, default=8)
+    a("--judge-retries", type=pt.nonneg_int, default=6, help="per call: transport errors and unusable replies together")
+    a("--judge-timeout", type=pt.positive_float, default=120.0, help="seconds per HTTP request")
+    a("--min-judged", type=pt.fraction, default=0.9,
+      help="exit 3 when the judge scored fewer than this fraction of some model's prompts on some set")
+    a("--both-orders", action="store_true", help="also judge with the answers swapped, and average")
+    # the rest
+    a("--discriminator", default=None, help="a discriminator checkpoint (ckpt-*/discriminator): adds the mean D score")
+    a("--bootstrap", type=pos_int, default=1000, help="bootstrap resamples")
+    a("--plot-metrics", default=None, help="train_gad.py's metrics.jsonl: draw the training curves")
+    a("--plot-out", default=None, help="PNG for --plot-metrics (default: next to it)")
+    args = p.parse_args(argv)
+    if not (args.plot_metrics or args.test_sets):
+        p.error("give --test-sets with --models and/or --run, or --plot-metrics")
+    if bool(args.models or args.run) != bool(args.test_sets):
+        p.error("--test-sets goes with --models and/or --run")
+    args.select_by = args.select_by or ("judge" if args.judge else "rougeL")
+    flag, given = {"judge": ("--judge", args.judge), "marker": ("--markers", args.markers),
+                   "dscore": ("--discriminator", args.discriminator)}.get(args.select_by, ("", True))
+    if args.run and not given:
+        p.error(f"--select-by {args.select_by} needs {flag}")
+    args.out_dir = args.out_dir or os.path.join(args.run or "out", "eval")
+    return args
 
 
 def main(argv=None):
@@ -751,13 +769,23 @@ def main(argv=None):
     try:
         if args.plot_metrics:
             plot_metrics(args.plot_metrics, args.plot_out or os.path.splitext(args.plot_metrics)[0] + ".png")
-        if args.models:
-            evaluate(args)
-    except (EvalError, LoadError, pt.FatalAPIError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return evaluate(args) if args.test_sets else 0
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the caches in {args.out_dir} keep every answer and judgment made: "
+              "rerun the same command to continue", file=sys.stderr)
+        return 130
+    except (DataError, LoadError, pt.FatalAPIError) as e:
+        print(f"{PROG}: error: {pt.one_line(e)}", file=sys.stderr)
+    except OSError as e:  # a full disk, an unwritable file: what was written before stays whole
+        print(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # after Ctrl-C or an error, judge requests may still be in flight, and the thread pool would wait
+        # for them at exit, up to their timeouts; everything kept is on disk already: leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
