@@ -12,6 +12,7 @@ One row per line: {"id": str, "messages": [{"role": "system" | "user" | "assista
 are kept as they are. Every problem is a DataError whose message is one line naming file:line.
 """
 
+import codecs
 import json
 import sys
 
@@ -44,13 +45,23 @@ def read_jsonl(path, torn_ok=False):
                 continue
             try:
                 yield where, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
-            except ValueError as e:
-                if torn_ok and not raw.endswith(b"\n"):
+            except ValueError as e:  # a UnicodeDecodeError too: a cut may split a multi-byte character
+                if torn_ok and torn(raw):
                     print(f"{path}: ignoring a torn last line ({len(raw)} bytes without a newline)", file=sys.stderr)
                     return
+                if isinstance(e, UnicodeDecodeError):
+                    raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
                 raise DataError(f"{where}: not valid JSON ({getattr(e, 'msg', e)})") from None
+
+
+def torn(line):
+    """Whether a last line that does not parse is what a kill mid-write leaves: no newline, and its
+    bytes the start of UTF-8 text (a cut may split a character; garbage bytes are not a cut)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(line)
+    except UnicodeDecodeError:
+        return False
+    return not line.endswith(b"\n")
 
 
 def check_messages(msgs, where):

@@ -13,21 +13,18 @@ Score checkpoints the way the GAD paper does, plus judge-free metrics; pick a ru
     # training curves of a train_gad.py run -> out/demo/metrics.png
     python evaluate.py --plot-metrics out/demo/metrics.jsonl
 
---models takes `[name=]spec`s: `teacher` (the test set's `teacher` answers); a checkpoint DIR or .gguf
-(answers generated greedily, cached in <out-dir>/generations.jsonl by checkpoint files, prompt and
-settings); or an answers file: our JSONL (`answer`, else `teacher`; this program's answers/*.jsonl too)
-or any format prepare_teacher.py imports (AlpacaEval's model_outputs.json, ...), matched to prompts by
-id when the last user turn agrees too, else by that turn's text. --run DIR adds each
-DIR/ckpt-NNNNNN/generator as ckpt-NNNNNN, draws the --select-by score against the step
-(checkpoints.png) and names the best (ties: the earlier step). --test-sets takes `[name=]FILE`s in our
-JSONL or any single file prepare_teacher.py imports (MiniLLM's dolly/self-inst/vicuna, Self-Instruct,
-AlpacaEval, Arena-Hard model_answer/X.jsonl, FastChat question.jsonl).
+A model (--models [name=]spec) is `teacher`, the test set's own `teacher` answers; a checkpoint DIR or
+.gguf, answered greedily and cached in <out-dir>/generations.jsonl by checkpoint files, prompt and
+settings; or an answers file (`answer`, else `teacher`; this program's answers/*.jsonl too), matched to
+the prompts by id where the last user turn agrees too, else by that turn's text. --run DIR adds each
+DIR/ckpt-NNNNNN/generator and names the best by --select-by (ties: the earlier step). Test sets and
+answers files are our JSONL or any single file prepare_teacher.py imports (MiniLLM's dolly/self-inst/
+vicuna, Self-Instruct, AlpacaEval, Arena-Hard, FastChat).
 
 Judge (MiniLLM / GAD protocol): the judge writes its own reference answer per prompt, then scores the
 model's answer (Assistant 1) and the reference (Assistant 2) 1-10 in one prompt; score = 100 * s_model /
-(s_model + s_ref), 50 = parity. --both-orders also asks swapped and averages, cancelling position bias.
-A reply without two scores on its first line is retried, then listed as failed. Replies are cached in
-<out-dir>/judge_cache.jsonl: a rerun pays only for what is missing.
+(s_model + s_ref), 50 = parity. A reply without two scores on its first line is retried, then counted as
+failed. Replies are cached in <out-dir>/judge_cache.jsonl: a rerun pays only for what is missing.
 
 Judge-free metrics (p1..p6 and rougeL against the test set's teacher answer, never for `teacher` itself):
   len     tokens of the student tokenizer (--tokenizer, default the first checkpoint's), else words
@@ -36,13 +33,12 @@ Judge-free metrics (p1..p6 and rougeL against the test set's teacher answer, nev
           marks; no brevity penalty, so read it next to len
   rougeL  ROUGE-L F1 (%) by the rouge-score package with Porter stemming, as MiniLLM and
           Super-NaturalInstructions report it; its tokenizer keeps ASCII letters and digits only
-  marker  % of answers with any --markers word (whole words, any case): the demo's persona rate
+  marker  % of answers with any --markers word (whole words, any case)
   dscore  mean raw D(prompt, answer) with --discriminator
---teacher-max-tokens N cuts the teacher's answers to N student tokens (counted as cut) wherever they
-are used, so students sampled at N tokens compare like with like. Means carry 95% bootstrap intervals
-over prompts. Writes results.json (per prompt too), results.md, results.png, answers/<model>__<set>.jsonl.
-Exit: 0; 2 bad input or setup (one line; files already written stay whole); 3 the judge scored less
-than --min-judged of some model's prompts (the rest is written); 130 Ctrl-C (the caches are kept).
+Means carry 95% bootstrap intervals over prompts. Writes results.json (per prompt too), results.md,
+results.png, answers/<model>__<set>.jsonl. Exit: 0; 2 bad input or setup (one line; files already
+written stay whole); 3 the judge scored less than --min-judged of some model's prompts (the rest is
+written); 130 Ctrl-C (the caches are kept).
 """
 
 import argparse
@@ -54,13 +50,16 @@ import os
 import re
 import sys
 from collections import Counter
+from contextlib import closing, nullcontext
 
 import numpy as np
+import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 import prepare_teacher as pt
-from data import DataError, read_jsonl, read_rows
+from data import DataError, read_jsonl
+from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env, number
 from loading import LoadError, end_of_turn_id, load_tokenizer, read_json, render_prompt, resolve_checkpoint, stop_token_ids
 from model import Transformer, generate
 
@@ -147,10 +146,9 @@ def parse_spec(spec):
 
 
 def load_rows(path, flag):
-    """Rows of our format: our JSONL through data.py, any other format converted by prepare_teacher.py."""
+    """Rows of our format from our JSONL or any format prepare_teacher.py imports, checked by data.py."""
     try:
-        first = next(read_jsonl(path), (None, None))[1] if path.endswith(".jsonl") else None
-        rows = read_rows(path, need_teacher=False) if "messages" in (first or {}) else pt.import_file(path)
+        rows = pt.import_file(path)
     except DataError as e:
         raise DataError(f"{flag}: {e}") from None
     if not rows:
@@ -279,9 +277,8 @@ def fingerprint(path):
 
 
 def torch_setup(args):
-    import torch
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch, device, getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    return device, getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
 
 
 def generate_answers(name, path, rows, args, store):
@@ -293,7 +290,7 @@ def generate_answers(name, path, rows, args, store):
             for r in rows]
     todo = [i for i, k in enumerate(keys) if k not in store]
     if todo:
-        torch, device, dtype = torch_setup(args)
+        device, dtype = torch_setup(args)
         tok = load_tokenizer(path)
         model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
         stop, prompts = stop_token_ids(tok, path), {i: render_prompt(tok, rows[i]["messages"]) for i in todo}
@@ -306,19 +303,14 @@ def generate_answers(name, path, rows, args, store):
                 store.append({"key": keys[i], "checkpoint": ckpt_id[0], "id": rows[i]["id"], "settings": settings,
                               "answer": tok.decode(toks, skip_special_tokens=True), "n_tokens": len(toks),
                               "stopped": bool(o.stopped)})
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
     return [{"answer": store.records[k]["answer"], "cut": not store.records[k]["stopped"]} for k in keys]
 
 
 def collect_answers(models, sets, args):
     """{(set, model): [{answer, cut}] in the set's order}; also written to <out-dir>/answers/."""
-    store = None
-    if any(kind == "checkpoint" for kind, _ in models.values()):
-        store = pt.JsonlStore(os.path.join(args.out_dir, "generations.jsonl"))
     answers = {}
-    try:
+    generating = any(kind == "checkpoint" for kind, _ in models.values())  # else no cache file is made
+    with closing(pt.JsonlStore(os.path.join(args.out_dir, "generations.jsonl"))) if generating else nullcontext() as store:
         for m, (kind, path) in models.items():
             ans_rows = load_rows(path, "--models") if kind == "answers" else None
             for s, rows in sets.items():
@@ -328,13 +320,9 @@ def collect_answers(models, sets, args):
                     answers[s, m] = match_answers(rows, ans_rows, path, s)
                 else:
                     answers[s, m] = generate_answers(m, path, rows, args, store)
-                lines = [json.dumps({"id": r["id"], "messages": r["messages"], "answer": a["answer"], "model": m,
-                                     "finish_reason": "length" if a["cut"] else "stop"}, ensure_ascii=False) + "\n"
-                         for r, a in zip(rows, answers[s, m])]
-                pt.write_atomic(os.path.join(args.out_dir, "answers", f"{m}__{s}.jsonl"), "".join(lines).encode())
-    finally:
-        if store is not None:
-            store.close()
+                pt.write_atomic(os.path.join(args.out_dir, "answers", f"{m}__{s}.jsonl"), pt.jsonl(
+                    {"id": r["id"], "messages": r["messages"], "answer": a["answer"], "model": m,
+                     "finish_reason": "length" if a["cut"] else "stop"} for r, a in zip(rows, answers[s, m])))
     return answers
 
 
@@ -342,7 +330,7 @@ def discriminator_scores(path, rows, answers, args):
     """Raw D(prompt, answer). The answer ends with the end-of-turn token unless it was cut,
     exactly like the training data (EOS symmetry)."""
     from discriminator import Discriminator  # here: evaluating without a discriminator needs none of it
-    torch, device, dtype = torch_setup(args)
+    device, dtype = torch_setup(args)
     tok = load_tokenizer(path)
     disc, eot = Discriminator.from_pretrained(path, dtype=dtype, device=device).eval(), end_of_turn_id(tok)
     seqs = [torch.tensor(render_prompt(tok, r["messages"]) + tok.encode(a["answer"], add_special_tokens=False)
@@ -652,13 +640,10 @@ def evaluate(args):
             for p, d in zip(per[s, m], discriminator_scores(args.discriminator, sets[s], ans, args)):
                 p["dscore"] = d
     if args.judge:
-        store = pt.JsonlStore(os.path.join(args.out_dir, "judge_cache.jsonl"))
-        try:
+        with closing(pt.JsonlStore(os.path.join(args.out_dir, "judge_cache.jsonl"))) as store:
             for k, recs in judge(client, args, store, sets, answers).items():
                 for p, j in zip(per[k], recs):
                     p["judge"] = j
-        finally:
-            store.close()
 
     results = {s: {m: summarize(per[s, m], args) for m in models} for s in sets}
     unit = f"tokens, {tok_name} tokenizer" if tok_path else "whitespace words"
@@ -703,7 +688,7 @@ def evaluate(args):
 
 
 def word_list(text):
-    """--markers: comma-separated words (argparse types for numbers and key names: prepare_teacher.py's)."""
+    """--markers: comma-separated words (the types for numbers and key names are flags.py's)."""
     if not (markers := [m.strip() for m in text.split(",") if m.strip()]):
         raise argparse.ArgumentTypeError("a comma-separated list of words is expected")
     return markers
@@ -712,44 +697,44 @@ def word_list(text):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, pos_int, nonneg = p.add_argument, pt.positive_int, pt.nonneg_float
+    a = p.add_argument
     a("--models", nargs="+", default=[], help="[name=]spec: teacher, a checkpoint, or an answers file")
     a("--test-sets", nargs="+", default=[], help="[name=]file: our JSONL or an importable format")
-    a("--run", default=None, help="a train_gad.py --out-dir: score each ckpt-*/generator, name the best")
-    a("--select-by", default=None, choices=[k for k in METRICS if k not in ("len", "cut")],
+    a("--run", help="a train_gad.py --out-dir: score each ckpt-*/generator, name the best")
+    a("--select-by", choices=[k for k in METRICS if k not in ("len", "cut")],
       help="the score that picks the best checkpoint (default: judge with --judge, else rougeL)")
-    a("--out-dir", default=None, help="default: out/eval, or RUN/eval with --run")
-    a("--limit", type=pos_int, default=None, help="only the first N prompts of each test set")
+    a("--out-dir", help="default: out/eval, or RUN/eval with --run")
+    a("--limit", type=POS_INT, help="only the first N prompts of each test set")
     # generation
-    a("--max-new-tokens", type=pos_int, default=1536)
-    a("--temperature", type=nonneg, default=0.0, help="0 = greedy (the paper)")
-    a("--top-p", type=pt.number("top_p", float, lambda v: 0 < v <= 1), default=1.0)
+    a("--max-new-tokens", type=POS_INT, default=1536)
+    a("--temperature", type=NONNEG, default=0.0, help="0 = greedy (the paper)")
+    a("--top-p", type=number(float, above=0, high=1), default=1.0)
     a("--seed", type=int, default=0, help="sampling and bootstrap seed")
-    a("--batch-size", type=pos_int, default=16)
-    a("--device", default=None, help="default: cuda when available, else cpu")
-    a("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    a("--tokenizer", default=None, help="counts lengths and --teacher-max-tokens; default: the first checkpoint's")
-    a("--teacher-max-tokens", type=pos_int, default=None, help="cut the teacher's answers to N tokens (counted as "
-      "cut); set it to the students' --max-new-tokens to compare like with like")
-    a("--markers", type=word_list, default=None, help="comma-separated words: adds the marker (persona) rate")
+    a("--batch-size", type=POS_INT, default=16)
+    a("--device", help="default: cuda when available, else cpu")
+    a("--dtype", choices=["float32", "bfloat16", "float16"])
+    a("--tokenizer", help="counts lengths and --teacher-max-tokens; default: the first checkpoint's")
+    a("--teacher-max-tokens", type=POS_INT, help="cut the teacher's answers to N tokens (counted as cut); set it "
+      "to the students' --max-new-tokens to compare like with like")
+    a("--markers", type=word_list, help="comma-separated words: adds the marker (persona) rate")
     # judge
     a("--judge", action="store_true", help="score with the judge (costs API calls)")
     a("--judge-model", default="gpt-4o")
-    a("--judge-base-url", default=None, help="any OpenAI-compatible endpoint")
-    a("--judge-api-key-env", type=pt.key_env, default="OPENAI_API_KEY", help="the NAME of the variable holding the key")
-    a("--judge-temperature", type=nonneg, default=0.0)
-    a("--judge-max-tokens", type=pos_int, default=2048, help="for the judge's reference answers")
-    a("--judge-workers", type=pos_int, default=8)
-    a("--judge-retries", type=pt.nonneg_int, default=6, help="per call: transport errors and unusable replies together")
-    a("--judge-timeout", type=pt.positive_float, default=120.0, help="seconds per HTTP request")
-    a("--min-judged", type=pt.fraction, default=0.9,
+    a("--judge-base-url", help="any OpenAI-compatible endpoint")
+    a("--judge-api-key-env", type=key_env, default="OPENAI_API_KEY", help="the NAME of the variable holding the key")
+    a("--judge-temperature", type=NONNEG, default=0.0)
+    a("--judge-max-tokens", type=POS_INT, default=2048, help="for the judge's reference answers")
+    a("--judge-workers", type=POS_INT, default=8)
+    a("--judge-retries", type=NONNEG_INT, default=6, help="per call: transport errors and unusable replies together")
+    a("--judge-timeout", type=POS, default=120.0, help="seconds per HTTP request")
+    a("--min-judged", type=FRACTION, default=0.9,
       help="exit 3 when the judge scored fewer than this fraction of some model's prompts on some set")
     a("--both-orders", action="store_true", help="also judge with the answers swapped, and average")
     # the rest
-    a("--discriminator", default=None, help="a discriminator checkpoint (ckpt-*/discriminator): adds the mean D score")
-    a("--bootstrap", type=pos_int, default=1000, help="bootstrap resamples")
-    a("--plot-metrics", default=None, help="train_gad.py's metrics.jsonl: draw the training curves")
-    a("--plot-out", default=None, help="PNG for --plot-metrics (default: next to it)")
+    a("--discriminator", help="a discriminator checkpoint (ckpt-*/discriminator): adds the mean D score")
+    a("--bootstrap", type=POS_INT, default=1000, help="bootstrap resamples")
+    a("--plot-metrics", help="train_gad.py's metrics.jsonl: draw the training curves")
+    a("--plot-out", help="PNG for --plot-metrics (default: next to it)")
     args = p.parse_args(argv)
     if not (args.plot_metrics or args.test_sets):
         p.error("give --test-sets with --models and/or --run, or --plot-metrics")
@@ -774,18 +759,11 @@ def main(argv=None):
         print(f"{PROG}: interrupted; the caches in {args.out_dir} keep every answer and judgment made: "
               "rerun the same command to continue", file=sys.stderr)
         return 130
-    except (DataError, LoadError, pt.FatalAPIError) as e:
+    # a full disk, an unwritable file (OSError): what was written before stays whole
+    except (DataError, LoadError, pt.FatalAPIError, OSError) as e:
         print(f"{PROG}: error: {pt.one_line(e)}", file=sys.stderr)
-    except OSError as e:  # a full disk, an unwritable file: what was written before stays whole
-        print(f"{PROG}: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
     return 2
 
 
 if __name__ == "__main__":
-    code = main()
-    if code:
-        # after Ctrl-C or an error, judge requests may still be in flight, and the thread pool would wait
-        # for them at exit, up to their timeouts; everything kept is on disk already: leave now
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    pt.exit_now(main())  # not waiting for judge requests still in flight after an error or Ctrl-C

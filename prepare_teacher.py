@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import mmap
 import os
 import re
@@ -46,7 +45,8 @@ except ImportError:  # no advisory locks on Windows: run one writer at a time yo
 import openai
 from tqdm import tqdm
 
-from data import DataError, check_row, read_jsonl
+from data import DataError, check_row, read_jsonl, torn
+from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env, key_env_problem
 
 PROG = "prepare_teacher.py"
 REFUSAL = (r"^\s*(I'?m sorry|I am sorry|I apologi[sz]e|As an AI\b|I (?:can(?:'|no)?t|cannot|won'?t|am unable to)"
@@ -71,30 +71,20 @@ class RetryError(Exception):
         self.usage = usage or {"prompt_tokens": 0, "completion_tokens": 0}
 
 
-def key_env_problem(name, flag="--api-key-env"):
-    """Why `name` cannot be the name of the environment variable that holds the key, or None. The value
-    is never shown: it is most likely a key pasted in the wrong place, bound for a terminal or a log."""
-    mixed_case = re.search("[a-z]", name) and re.search("[A-Z]", name)       # base62 keys
-    hex_like = len(name) >= 20 and "_" not in name and re.search("[0-9]", name)  # hex keys
-    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name) and not mixed_case and not hex_like:
-        return None
-    return (f"{flag} takes the NAME of an environment variable, such as OPENAI_API_KEY; the value given is not "
-            "one (not shown: it may be a key)")
-
-
 def make_client(base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, flag="--api-key-env"):
     """An OpenAI client. The SDK retries 408/409/429/5xx, timeouts and dropped connections itself, with
     exponential backoff, jitter and the server's Retry-After (up to 2 minutes; longer is not retried)."""
-    if (problem := key_env_problem(api_key_env, flag)):
-        raise FatalAPIError(problem)
-    key = os.environ.get(api_key_env)
-    if not key:
+    if (problem := key_env_problem(api_key_env)):  # checked at parse time too; this is for library callers
+        raise FatalAPIError(f"{flag} {problem}")
+    if not (key := os.environ.get(api_key_env)):
         raise FatalAPIError(f"environment variable {api_key_env} is not set (for a server without keys, any value works)")
     return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
 
 
 def one_line(text, secret=None):
     """A message fit for a terminal and a log: one line, short, and no API key in it."""
+    if isinstance(text, OSError) and text.strerror:  # a full disk, a file we may not write: name the file
+        text = f"{text.filename}: {text.strerror}" if text.filename else text.strerror
     text = " ".join(str(text).split())
     if secret:
         text = text.replace(secret, "***")
@@ -105,10 +95,8 @@ def one_line(text, secret=None):
 def api_error(err, secret=None, attempts=1, usage=None):
     """What an SDK error, raised after the SDK's own retries, means here: a RetryError when this request
     failed (the run goes on; a rerun asks again), a FatalAPIError when no request can succeed."""
-    if isinstance(err, openai.APITimeoutError):
-        return RetryError("timeout", attempts, usage)
-    if isinstance(err, openai.APIConnectionError):
-        return RetryError("connection", attempts, usage)
+    if isinstance(err, openai.APIConnectionError):  # a timeout is one too
+        return RetryError("timeout" if isinstance(err, openai.APITimeoutError) else "connection", attempts, usage)
     if not isinstance(err, openai.APIStatusError):
         return FatalAPIError(one_line(f"{type(err).__name__}: {err}", secret))
     status, info = err.status_code, err.body if isinstance(err.body, dict) else {}
@@ -124,10 +112,15 @@ def api_error(err, secret=None, attempts=1, usage=None):
     return FatalAPIError(one_line(f"HTTP {status} ({code or 'error'}): {message}", secret))
 
 
+def request_body(model, messages, temperature=None, max_tokens=None):
+    """A chat request's fields; sampling fields not given are left to the server."""
+    body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def parse_completion(resp):
-    """(text, finish_reason, usage) of a chat completion: an SDK object or the Batch API's JSON."""
+    """(text, finish_reason, usage) of a chat completion's JSON, live or from the Batch API."""
     try:
-        resp = resp.model_dump() if hasattr(resp, "model_dump") else resp
         choice = resp["choices"][0]
         text, usage = choice["message"]["content"] or "", resp.get("usage") or {}
         if not isinstance(text, str):
@@ -147,22 +140,19 @@ def chat_with_retry(client, model, messages, *, temperature=None, max_tokens=Non
     on one budget of `retries` retries, counted in HTTP requests ("attempts"); usage sums every answer
     billed. Raises RetryError when the budget runs out or the prompt itself is refused, FatalAPIError
     when no retry can help."""
-    kwargs = {"model": model, "messages": messages, "extra_body": extra or None}
-    if temperature is not None:
-        kwargs["temperature"] = temperature
-    if max_tokens is not None:
-        kwargs["max_tokens"] = max_tokens
+    body = request_body(model, messages, temperature, max_tokens)
     usage, sent = Counter(prompt_tokens=0, completion_tokens=0), 0
     while True:
         try:
-            raw = client.with_options(max_retries=retries - sent).chat.completions.with_raw_response.create(**kwargs)
+            raw = client.with_options(max_retries=retries - sent).chat.completions.with_raw_response.create(
+                **body, extra_body=extra or None)
         except openai.OpenAIError as e:  # the SDK numbers its retries in a header of the request
             tried = int(e.request.headers.get("x-stainless-retry-count", 0)) + 1 if hasattr(e, "request") else 1
             raise api_error(e, client.api_key, sent + tried, dict(usage)) from None
         sent += raw.retries_taken + 1
         try:  # an HTML page or broken JSON under status 200 gets here too
-            text, finish, used = parse_completion(raw.parse())
-        except (ValueError, openai.APIResponseValidationError):
+            text, finish, used = parse_completion(json.loads(raw.content))
+        except ValueError:
             reason = "malformed"
         else:
             usage.update(used)
@@ -197,7 +187,7 @@ def run_pool(items, fn, concurrency=8, desc=None, stop=None, status=None, unit="
                 if status is not None:
                     bar.set_postfix_str(status(), refresh=False)
     except BaseException:
-        halt.set()  # not waiting for the requests in flight: see the end of this file
+        halt.set()  # not waiting for the requests in flight: see exit_now
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -213,7 +203,8 @@ class JsonlStore:
 
     Opening changes nothing in a file that is not recognisably this program's own: every complete line
     must be a JSON object with the key field, or DataError is raised. In a file of ours, a torn last line
-    (what a kill or a full disk in the middle of a write leaves) is cut off."""
+    (what a kill or a full disk in the middle of a write leaves: the start of a line of UTF-8 text, which
+    may end inside a character) is cut off."""
 
     def __init__(self, path, key="key"):
         self.path, self.key, self.lock, self.records = path, key, threading.Lock(), {}
@@ -245,9 +236,9 @@ class JsonlStore:
         try:
             json.loads(tail)
         except ValueError:  # torn: cut off, but only from a file that is recognisably ours
-            if not self.records:
-                raise DataError(f"{self.path}: holds no complete line written by this program, only a torn one; "
-                                "left as it is (delete it if it is a leftover)") from None
+            if not self.records or not torn(tail):
+                raise DataError(f"{self.path}: ends in an incomplete line that this program cannot tell for its own; "
+                                "left as it is (cut it off yourself if it is a leftover)") from None
             os.ftruncate(self.fd, self.size - len(tail))
             print(f"{PROG}: {self.path}: repaired a torn last line ({len(tail)} bytes dropped)", file=sys.stderr)
             self.size -= len(tail)
@@ -271,25 +262,26 @@ class JsonlStore:
 
     def append(self, record, unique=True):
         """False (and nothing written) when unique and the record's key is stored already."""
-        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self.lock:
             if unique and record[self.key] in self.records:
                 return False
-            self.write(line)
+            self.write(jsonl([record]))
             self.records[record[self.key]] = record
             return True
 
     def __contains__(self, key):
         return key in self.records
 
-    def __len__(self):
-        return len(self.records)
-
     def close(self):
         with self.lock:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1  # an abandoned request finishing later then fails to write, harmlessly
+
+
+def jsonl(records):
+    """Records as JSONL bytes: text as it is (no \\u escapes), what is not JSON as its str()."""
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode("utf-8")
 
 
 def write_atomic(path, data):
@@ -300,7 +292,8 @@ def write_atomic(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except OSError:
+    except OSError as e:
+        e.filename = e.filename or path  # a full disk (from fsync) names no file itself
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         raise
@@ -328,8 +321,8 @@ def same_file(a, b):
 def check_outputs(args):
     """Refuse, before any work, to write where an input is or where no file can be: an input file is
     never modified, whichever of this run's files (the output, its side files) it coincides with."""
-    files = [args.out] + [sidecar(args.out, n) for n in ("rejects", "failed", "batch_input", "train", "test")]
-    files += [sidecar(args.out, "batch", ".json")]
+    files = [args.out, sidecar(args.out, "batch", ".json")]
+    files += [sidecar(args.out, n) for n in ("rejects", "failed", "batch_input", "train", "test")]
     for path in files + [f + ".tmp" for f in files]:
         for flag, given in (("--prompts", args.prompts), ("--answers", args.answers)):
             if given and same_file(path, given):
@@ -411,66 +404,55 @@ def load_answers(path):
     return answers
 
 
-def user(text):
-    return [{"role": "user", "content": text}]
+FORMATS = ("ours", "paper", "alpaca_eval", "minillm", "arena_hard", "fastchat")
 
 
-def row_ours(rec, i, answers):
-    row = {**rec, "id": str(rec.get("id", i))}
-    if "messages" not in row:
-        if not isinstance(row.get("prompt"), str):
-            raise KeyError("'messages' nor a 'prompt' string")
-        row["messages"] = user(row.pop("prompt"))
-    return [row]
-
-
-def row_paper(rec, i, answers):
-    content = rec["content"]
-    row = {k: v for k, v in rec.items() if k not in ("content", "teacher_response")}
-    return [{**row, "id": str(rec.get("id", i)), "messages": user(content) if isinstance(content, str) else content,
-             "teacher": rec.get("teacher_response")}]
-
-
-def row_alpaca_eval(rec, i, answers):
-    return [{"id": str(i), "messages": user(rec["instruction"]), "teacher": rec.get("output"),
-             "model": rec.get("generator"), "dataset": rec.get("dataset")}]
-
-
-def row_minillm(rec, i, answers):
-    inp, out = rec.get("input") or "", rec.get("output")
-    if rec.get("instances"):   # Self-Instruct's own file: one instance each
-        inp, out = rec["instances"][0].get("input") or "", rec["instances"][0].get("output")
-    if isinstance(out, list):  # S-NI keeps several references: the first one
-        out = out[0] if out else None
-    row = {k: v for k, v in rec.items() if k not in ("instruction", "input", "output", "prompt", "instances")}
-    text = f"{rec['instruction']}\n\n{inp}" if inp else rec["instruction"]  # AlpacaEval joins them so too
-    return [{**row, "id": str(rec.get("id", i)), "messages": user(text), "teacher": out}]
-
-
-def row_arena_hard(rec, i, answers):
-    uid = str(rec["uid"])
-    if "messages" in rec:      # a model_answer file on its own
-        ans = rec["messages"][-1]["content"]
-        return [{"id": uid, "messages": user(rec["messages"][0]["content"]), "model": rec.get("model"),
-                 "teacher": ans["answer"] if isinstance(ans, dict) else ans}]
-    return [{"id": uid, "messages": user(rec["prompt"]), "category": rec.get("category"), "teacher": answers.get(uid)}]
-
-
-def row_fastchat(rec, i, answers):
+def convert(fmt, rec, i, answers):
+    """Rows of our format from record number i of a `fmt` file (FastChat's turns make several); a field
+    the format must have and lacks raises KeyError (or IndexError, TypeError)."""
+    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    rid = str(rec.get("id", i))
+    if fmt == "ours":
+        row = {**rec, "id": rid}
+        if "messages" not in row:
+            if not isinstance(row.get("prompt"), str):
+                raise KeyError("'messages' nor a 'prompt' string")
+            row["messages"] = user(row.pop("prompt"))
+        return [row]
+    if fmt == "paper":
+        content, row = rec["content"], {k: v for k, v in rec.items() if k not in ("content", "teacher_response")}
+        return [{**row, "id": rid, "messages": user(content) if isinstance(content, str) else content,
+                 "teacher": rec.get("teacher_response")}]
+    if fmt == "alpaca_eval":
+        return [{"id": str(i), "messages": user(rec["instruction"]), "teacher": rec.get("output"),
+                 "model": rec.get("generator"), "dataset": rec.get("dataset")}]
+    if fmt == "minillm":
+        inp, out = rec.get("input") or "", rec.get("output")
+        if rec.get("instances"):   # Self-Instruct's own file: one instance each
+            inp, out = rec["instances"][0].get("input") or "", rec["instances"][0].get("output")
+        if isinstance(out, list):  # S-NI keeps several references: the first one
+            out = out[0] if out else None
+        row = {k: v for k, v in rec.items() if k not in ("instruction", "input", "output", "prompt", "instances")}
+        text = f"{rec['instruction']}\n\n{inp}" if inp else rec["instruction"]  # AlpacaEval joins them so too
+        return [{**row, "id": rid, "messages": user(text), "teacher": out}]
+    if fmt == "arena_hard":
+        uid = str(rec["uid"])
+        if "messages" in rec:      # a model_answer file on its own
+            ans = rec["messages"][-1]["content"]
+            return [{"id": uid, "messages": user(rec["messages"][0]["content"]), "model": rec.get("model"),
+                     "teacher": ans["answer"] if isinstance(ans, dict) else ans}]
+        return [{"id": uid, "messages": user(rec["prompt"]), "category": rec.get("category"), "teacher": answers.get(uid)}]
+    # fastchat: a question file, with --answers one row per turn
     qid, turns = str(rec["question_id"]), rec["turns"] if "turns" in rec else [rec["text"]]
     ans = answers.get(qid)
-    if not ans:                # later turns need the earlier answers: a prompt set asks the first one
+    if not ans:                    # later turns need the earlier answers: a prompt set asks the first one
         return [{"id": qid, "messages": user(turns[0]), "category": rec.get("category")}]
     rows, msgs = [], []
     for t, (q, a) in enumerate(zip(turns, [ans] if isinstance(ans, str) else ans), 1):
-        msgs = msgs + user(q)  # one row per turn, each with the conversation so far
+        msgs = msgs + user(q)      # one row per turn, each with the conversation so far
         rows.append({"id": qid if t == 1 else f"{qid}-turn{t}", "messages": msgs, "teacher": a, "category": rec.get("category")})
         msgs = msgs + [{"role": "assistant", "content": a}]
     return rows
-
-
-CONVERTERS = {"ours": row_ours, "paper": row_paper, "alpaca_eval": row_alpaca_eval, "minillm": row_minillm,
-              "arena_hard": row_arena_hard, "fastchat": row_fastchat}
 
 
 def import_file(path, fmt="auto", answers=None):
@@ -485,7 +467,7 @@ def import_file(path, fmt="auto", answers=None):
             raise DataError(f"{where}: a JSON object is expected, not {type(rec).__name__}")
         fmt = detect_format(rec, path) if fmt == "auto" else fmt
         try:
-            new = CONVERTERS[fmt](rec, i, answer_map)
+            new = convert(fmt, rec, i, answer_map)
         except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise DataError(f"{where}: not a {fmt} record (no {e})") from None
         for row in new:
@@ -648,36 +630,36 @@ def live(args, col, todo):
 
 
 def batch_api(args, col, todo, jobs):
-    """Submit once, then each run polls (every --poll-interval with --wait) and merges when it ends.
-    The SDK retries each call; what it cannot fix stops the run, and a rerun picks up from the state file."""
+    """The Batch API: a run uploads and submits, a later one (or this one with --wait, polling every
+    --poll-interval) merges the results once the batch has ended; <out>.batch.json holds the state between
+    runs. The SDK retries each call; what it cannot fix stops the run, and a rerun picks up from the state."""
     client = make_client(args.base_url, args.api_key_env, args.timeout, args.retries)
     path = sidecar(args.out, "batch", ".json")
-    while True:
-        if os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
-        elif (state := submit_batch(args, client, col, todo, path)) is None:
-            return
-        if "batch_id" not in state:
-            # killed between upload and create: the batch may exist already, and must not be paid twice
-            found = [b for b in client.batches.list(limit=100).data if b.input_file_id == state["input_file_id"]]
-            state["batch_id"] = (found[0] if found else client.batches.create(
-                input_file_id=state["input_file_id"], endpoint="/v1/chat/completions", completion_window="24h")).id
-            write_atomic(path, json.dumps(state).encode())
-        batch = client.batches.retrieve(batch_id=state["batch_id"])
-        if batch.status not in BATCH_ACTIVE:
-            merge_batch(client, col, {j["key"]: j for j in jobs}, batch, state)
-            os.remove(path)
-            return
+    if os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+    elif (state := upload_batch(args, client, col, todo, path)) is None:
+        return
+    if "batch_id" not in state:
+        # a run killed between upload and create may have created the batch: it must not be paid twice
+        found = [b for b in client.batches.list(limit=100).data if b.input_file_id == state["input_file_id"]]
+        state["batch_id"] = (found[0] if found else client.batches.create(
+            input_file_id=state["input_file_id"], endpoint="/v1/chat/completions", completion_window="24h")).id
+        write_atomic(path, json.dumps(state).encode())
+        print(f"submitted batch {state['batch_id']}: {len(state['keys'])} requests")
+    while (batch := client.batches.retrieve(batch_id=state["batch_id"])).status in BATCH_ACTIVE:
         done = batch.request_counts.completed if batch.request_counts else 0
         print(f"batch {batch.id}: {batch.status}, {done}/{len(state['keys'])} done"
               + ("" if args.wait else "; rerun this command to collect the results"))
         if not args.wait:
             return
         time.sleep(args.poll_interval)
+    merge_batch(client, col, {j["key"]: j for j in jobs}, batch, state)
+    os.remove(path)
 
 
-def submit_batch(args, client, col, todo, path):
+def upload_batch(args, client, col, todo, path):
+    """The requests that fit the budget, uploaded; their state, or None when none fits."""
     chosen, estimate = [], 0.0
     for job in todo:  # a batch cannot be stopped halfway: it must fit the budget up front
         cost = col.price(job["tokens_in"], args.max_tokens or 0, batch=True)
@@ -688,21 +670,14 @@ def submit_batch(args, client, col, todo, path):
     if not chosen:
         print("nothing to submit" + (f" within --max-cost ${args.max_cost}" if todo else ""))
         return None
-
-    def line(job):  # the very request a live run would send
-        body = {"model": args.model, "messages": job["sent"], **args.extra_body}
-        body.update({k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None})
-        return json.dumps({"custom_id": job["key"], "method": "POST", "url": "/v1/chat/completions", "body": body},
-                          ensure_ascii=False) + "\n"
-    data = "".join(map(line, chosen)).encode("utf-8")
+    data = jsonl({"custom_id": job["key"], "method": "POST", "url": "/v1/chat/completions",  # what a live run sends
+                  "body": {**request_body(args.model, job["sent"], args.temperature, args.max_tokens), **args.extra_body}}
+                 for job in chosen)
     write_atomic(sidecar(args.out, "batch_input"), data)  # a copy to look at; the upload sends `data`
     upload = client.files.create(file=("batch_input.jsonl", data), purpose="batch")
     state = {"input_file_id": upload.id, "keys": [j["key"] for j in chosen], "model": args.model}
     write_atomic(path, json.dumps(state).encode())
-    state["batch_id"] = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                              completion_window="24h").id
-    write_atomic(path, json.dumps(state).encode())
-    print(f"submitted batch {state['batch_id']}: {len(chosen)} requests, estimated cost at most ${estimate:.4f}")
+    print(f"uploaded {len(chosen)} requests, estimated cost at most ${estimate:.4f}")
     return state
 
 
@@ -741,7 +716,6 @@ def merge_batch(client, col, jobs_by_key, batch, state):
 
 
 def local(args, col, todo):
-    import torch
     from loading import load_tokenizer, render_prompt, stop_token_ids  # only this path needs them
     from model import Transformer, generate
     try:
@@ -749,21 +723,17 @@ def local(args, col, todo):
     except Exception as e:
         raise DataError(f"--model: cannot load {args.model}: {one_line(e)}") from None
     stop = stop_token_ids(tok)
-
-    def work(batch):
+    for b in tqdm(range(0, len(todo), args.batch_size), desc="local", unit="batch"):
+        batch = todo[b:b + args.batch_size]
         prompts = [render_prompt(tok, job["sent"]) for job in batch]
-        with torch.no_grad():
-            # a seed per request, so an answer does not depend on its batch (or on a resume)
-            seeds = [(int(job["key"][:8], 16) + args.seed) % 2**32 for job in batch]
-            outs = generate(model, prompts, n=1, max_new_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=1.0, stop_ids=stop, seed=seeds)
+        # a seed per request, so an answer does not depend on its batch (or on a resume)
+        seeds = [(int(job["key"][:8], 16) + args.seed) % 2**32 for job in batch]
+        outs = generate(model, prompts, n=1, max_new_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=1.0, stop_ids=stop, seed=seeds)
         for job, ids, o in zip(batch, prompts, outs):
             tokens = o.tokens[:-1] if o.stopped else o.tokens  # the stop token is not part of the text
             col.finish(job, tok.decode(tokens, skip_special_tokens=True), "stop" if o.stopped else "length",
                        {"prompt_tokens": len(ids), "completion_tokens": len(o.tokens)})
-
-    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    run_pool(batches, work, 1, desc="local", unit="batch")
 
 
 # -----------------------------------------------------------------------------
@@ -776,8 +746,7 @@ def write_split(args, col):
     n_test = (sum(int(digest(r)[:8], 16) < args.test_size * 2 ** 32 for r in rows) if args.test_size < 1
               else min(int(args.test_size), len(rows)))
     for name, part in (("test", rows[:n_test]), ("train", rows[n_test:])):
-        write_atomic(sidecar(args.out, name), "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
-                                                      for r in part).encode("utf-8"))
+        write_atomic(sidecar(args.out, name), jsonl(part))
     print(f"split: {len(rows) - n_test} rows in {sidecar(args.out, 'train')}, {n_test} in {sidecar(args.out, 'test')}")
 
 
@@ -811,29 +780,12 @@ def estimate(args, col, todo):
     print(msg)
 
 
-# argparse types: a nonsense value is refused with argparse's own "invalid positive_int value: '0'"
-def number(name, cast, ok):
-    def check(text):
-        value = cast(text)
-        if not (math.isfinite(value) and ok(value)):
-            raise ValueError(text)
-        return value
-    check.__name__ = name
-    return check
-
-
-positive_int = number("positive_int", int, lambda v: v >= 1)
-nonneg_int = number("nonneg_int", int, lambda v: v >= 0)
-positive_float = number("positive_float", float, lambda v: v > 0)
-nonneg_float = number("nonneg_float", float, lambda v: v >= 0)
-fraction = number("fraction", float, lambda v: 0 <= v <= 1)
-test_size = number("test_size", float, lambda v: 0 < v < 1 or (v >= 1 and v == int(v)))
-
-
-def key_env(text):
-    if (problem := key_env_problem(text)):
-        raise argparse.ArgumentTypeError(problem.removeprefix("--api-key-env "))  # argparse names the flag
-    return text
+# argparse types (with flags.py's): a nonsense value stops the run before it starts, with argparse's error
+def test_size(text):
+    size = POS(text)
+    if size >= 1 and size != int(size):
+        raise argparse.ArgumentTypeError(f"{text} is neither a fraction below 1 nor a whole number of rows")
+    return size
 
 
 def json_object(text):
@@ -853,43 +805,41 @@ def regex(text):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog=PROG, description="Collect a teacher's answers, robustly and resumably.")
-    p.add_argument("--prompts", required=True, help="input file: .jsonl, .json or .parquet")
-    p.add_argument("--format", default="auto", choices=["auto", *CONVERTERS], help="input format (auto: from the first record)")
-    p.add_argument("--answers", help="answers to --prompts: an Arena-Hard model_answer or a FastChat answer file")
-    p.add_argument("--out", required=True, help="output JSONL; <out>.rejects/.failed/.batch files sit next to it")
-    p.add_argument("--import-only", action="store_true", help="convert the answers already in --prompts, no API call")
-    p.add_argument("--backend", default="api", choices=["api", "local"])
-    p.add_argument("--model", help="the teacher's model name (a checkpoint path with --backend local)")
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint (default: the SDK's, or $OPENAI_BASE_URL)")
-    p.add_argument("--api-key-env", type=key_env, default="OPENAI_API_KEY", metavar="NAME",
-                   help="name of the environment variable that holds the API key")
-    p.add_argument("--temperature", type=nonneg_float)
-    p.add_argument("--max-tokens", type=positive_int)
-    p.add_argument("--system", help="system prompt sent before each conversation (stored as 'system', not in messages)")
-    p.add_argument("--extra", type=json_object, default={}, dest="extra_body",
-                   help="JSON object of extra request fields, e.g. '{\"max_completion_tokens\": 1536}'")
-    p.add_argument("--concurrency", type=positive_int, default=8)
-    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per HTTP request")
-    p.add_argument("--retries", type=nonneg_int, default=6,
-                   help="retries per prompt after the first request: the SDK's (429, 5xx, timeouts, with backoff and "
-                        "Retry-After) and ours (empty or malformed answers) together")
-    p.add_argument("--min-success", type=fraction, default=0.5, metavar="FRACTION",
-                   help="exit 1 when fewer than this fraction of this run's requests got an answer (and always when "
-                        "none did); what did arrive is kept")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate() call with --backend local")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--batch-api", action="store_true", help="use the OpenAI Batch API (rerun to collect)")
-    p.add_argument("--wait", action="store_true", help="with --batch-api: poll until the batch ends")
-    p.add_argument("--poll-interval", type=positive_float, default=60.0, help="seconds between polls with --wait")
-    p.add_argument("--price-in", type=nonneg_float, help="$ per million input tokens")
-    p.add_argument("--price-out", type=nonneg_float, help="$ per million output tokens")
-    p.add_argument("--max-cost", type=nonneg_float, help="stop at this many $ spent on --out, all runs together")
-    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut at --max-tokens")
-    p.add_argument("--refusal-filter", type=regex, nargs="?", const=REFUSAL, metavar="REGEX",
-                   help="filter refusals (a default regex)")
-    p.add_argument("--test-size", type=test_size,
-                   help="also write <out>.train/.test.jsonl: a fraction in (0, 1), or a whole number of rows")
-    p.add_argument("--dry-run", action="store_true", help="print the estimate and stop")
+    a = p.add_argument
+    a("--prompts", required=True, help="input file: .jsonl, .json or .parquet")
+    a("--format", default="auto", choices=["auto", *FORMATS], help="input format (auto: from the first record)")
+    a("--answers", help="answers to --prompts: an Arena-Hard model_answer or a FastChat answer file")
+    a("--out", required=True, help="output JSONL; <out>.rejects/.failed/.batch files sit next to it")
+    a("--import-only", action="store_true", help="convert the answers already in --prompts, no API call")
+    a("--backend", default="api", choices=["api", "local"])
+    a("--model", help="the teacher's model name (a checkpoint path with --backend local)")
+    a("--base-url", help="OpenAI-compatible endpoint (default: the SDK's, or $OPENAI_BASE_URL)")
+    a("--api-key-env", type=key_env, default="OPENAI_API_KEY", metavar="NAME",
+      help="name of the environment variable that holds the API key")
+    a("--temperature", type=NONNEG)
+    a("--max-tokens", type=POS_INT)
+    a("--system", help="system prompt sent before each conversation (stored as 'system', not in messages)")
+    a("--extra", type=json_object, default={}, dest="extra_body",
+      help="JSON object of extra request fields, e.g. '{\"max_completion_tokens\": 1536}'")
+    a("--concurrency", type=POS_INT, default=8)
+    a("--timeout", type=POS, default=120.0, help="seconds per HTTP request")
+    a("--retries", type=NONNEG_INT, default=6, help="retries per prompt after the first request: the SDK's (429, "
+      "5xx, timeouts, with backoff and Retry-After) and ours (empty or malformed answers) together")
+    a("--min-success", type=FRACTION, default=0.5, metavar="FRACTION", help="exit 1 when fewer than this fraction "
+      "of this run's requests got an answer (and always when none did); what did arrive is kept")
+    a("--batch-size", type=POS_INT, default=16, help="prompts per generate() call with --backend local")
+    a("--seed", type=int, default=1337)
+    a("--batch-api", action="store_true", help="use the OpenAI Batch API (rerun to collect)")
+    a("--wait", action="store_true", help="with --batch-api: poll until the batch ends")
+    a("--poll-interval", type=POS, default=60.0, help="seconds between polls with --wait")
+    a("--price-in", type=NONNEG, help="$ per million input tokens")
+    a("--price-out", type=NONNEG, help="$ per million output tokens")
+    a("--max-cost", type=NONNEG, help="stop at this many $ spent on --out, all runs together")
+    a("--keep-truncated", action="store_true", help="keep answers cut at --max-tokens")
+    a("--refusal-filter", type=regex, nargs="?", const=REFUSAL, metavar="REGEX", help="filter refusals (a default regex)")
+    a("--test-size", type=test_size,
+      help="also write <out>.train/.test.jsonl: a fraction in (0, 1), or a whole number of rows")
+    a("--dry-run", action="store_true", help="print the estimate and stop")
     args = p.parse_args(argv)
     if not args.import_only and not args.model:
         p.error("--model is required (the teacher's model name, or a checkpoint path with --backend local)")
@@ -960,10 +910,8 @@ def main(argv=None):
         msg = f"stopped: {api_error(e, secret)}"
     except (FatalAPIError, RetryError) as e:
         msg = f"stopped: {e}"
-    except DataError as e:
-        msg = str(e)
-    except OSError as e:  # a full disk, a file we may not write: what was written stays whole
-        msg = f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    except (DataError, OSError) as e:  # OSError: a full disk, a file we may not write; what was written stays whole
+        msg = e
     finally:
         if col is not None:
             col.close()
@@ -972,11 +920,15 @@ def main(argv=None):
     return code
 
 
-if __name__ == "__main__":
-    code = main()
+def exit_now(code):
+    """Exit with `code`. After a stop (an error, Ctrl-C) requests may be in flight, and ThreadPoolExecutor
+    would wait for them at exit, up to their timeouts; every answer kept is on disk already: leave now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     if code:
-        # a stop (an error, Ctrl-C) may leave requests in flight, and ThreadPoolExecutor would wait for
-        # them at exit, up to their timeouts; every answer kept is synced to disk already: leave now
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    exit_now(main())

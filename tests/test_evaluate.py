@@ -583,16 +583,30 @@ def test_bad_out_dir_before_any_model(toy_world, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "afile").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("flag,value", [("--max-new-tokens", "0"), ("--max-new-tokens", "-5"), ("--max-new-tokens", "2.5"),
-                                        ("--temperature", "-0.1"), ("--temperature", "nan"), ("--top-p", "0"),
-                                        ("--top-p", "1.5"), ("--judge-temperature", "-1"), ("--bootstrap", "0"),
-                                        ("--judge-retries", "-1"), ("--judge-workers", "0"), ("--judge-timeout", "0"),
-                                        ("--judge-max-tokens", "0"), ("--batch-size", "-2"), ("--limit", "0"),
-                                        ("--teacher-max-tokens", "0"), ("--min-judged", "1.5"), ("--markers", " , ")])
-def test_nonsense_flags_refused_at_parse_time(flag, value, capsys):
+@pytest.mark.parametrize("flag,value,says", [
+    ("--max-new-tokens", "0", "0 is out of range (must be >= 1)"),
+    ("--max-new-tokens", "-5", "-5 is out of range (must be >= 1)"),
+    ("--max-new-tokens", "2.5", "'2.5' is not an integer"),
+    ("--temperature", "-0.1", "-0.1 is out of range (must be >= 0)"),
+    ("--temperature", "nan", "nan is out of range (must be >= 0)"),
+    ("--top-p", "0", "0 is out of range (must be > 0 and <= 1)"),
+    ("--top-p", "1.5", "1.5 is out of range (must be > 0 and <= 1)"),
+    ("--judge-temperature", "-1", "-1 is out of range (must be >= 0)"),
+    ("--bootstrap", "0", "0 is out of range (must be >= 1)"),
+    ("--judge-retries", "-1", "-1 is out of range (must be >= 0)"),
+    ("--judge-workers", "0", "0 is out of range (must be >= 1)"),
+    ("--judge-timeout", "0", "0 is out of range (must be > 0)"),
+    ("--judge-max-tokens", "0", "0 is out of range (must be >= 1)"),
+    ("--batch-size", "-2", "-2 is out of range (must be >= 1)"),
+    ("--limit", "0", "0 is out of range (must be >= 1)"),
+    ("--teacher-max-tokens", "0", "0 is out of range (must be >= 1)"),
+    ("--min-judged", "1.5", "1.5 is out of range (must be >= 0 and <= 1)"),
+    ("--markers", " , ", "a comma-separated list of words is expected"),
+])
+def test_nonsense_flags_refused_at_parse_time(flag, value, says, capsys):
     with pytest.raises(SystemExit) as e:
         ev.parse_args(["--models", "teacher", "--test-sets", "x.jsonl", flag, value])
-    assert e.value.code == 2 and last_line(capsys.readouterr().err).startswith(f"evaluate.py: error: argument {flag}: ")
+    assert e.value.code == 2 and last_line(capsys.readouterr().err) == f"evaluate.py: error: argument {flag}: {says}"
 
 
 def test_full_disk_one_line_and_nothing_lost(tmp_path, monkeypatch, capsys):
@@ -607,7 +621,7 @@ def test_full_disk_one_line_and_nothing_lost(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "fsync", full)  # where every write of ours ends: the disk is full
     assert ev.main(argv + ["--bootstrap", "30"]) == 2
     err = capsys.readouterr().err
-    assert last_line(err).startswith("evaluate.py: error: ") and "No space left on device" in err
+    assert last_line(err) == f"evaluate.py: error: {out / 'answers' / 'teacher__set.jsonl'}: No space left on device"
     assert len(err.strip().splitlines()) == 1
     assert {f: (out / f).read_bytes() for f in before} == before  # the earlier results are whole
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
