@@ -37,7 +37,7 @@ try:
 except ImportError:  # no advisory locks on Windows: run one writer at a time yourself
     fcntl = None
 
-RUN_FILES = ("metrics.jsonl", "metrics.png")  # with ckpt-*/ and eval-*.jsonl: what --overwrite removes
+RUN_FILES = ("metrics.jsonl", "metrics.png")  # with ckpt-*/, eval/ and eval-*.jsonl: what --overwrite removes
 
 
 class RunDirError(Exception):
@@ -78,7 +78,7 @@ def lock_out_dir(out_dir, overwrite):
     if overwrite:
         for name in os.listdir(out_dir):
             p = os.path.join(out_dir, name)
-            if name.startswith("ckpt-") and os.path.isdir(p):
+            if (name.startswith("ckpt-") or name == "eval") and os.path.isdir(p):  # eval/: evaluate.py --run's
                 shutil.rmtree(p)
             elif name in RUN_FILES or (name.startswith("eval-") and name.endswith(".jsonl")):
                 os.remove(p)

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import checkpoint
 from data import DataError, read_jsonl, read_rows
+from flags import NONNEG, NONNEG_INT, POS, POS_INT, number
 from distributed import StepMetrics, clip_and_step, fast_bf16, init_distributed, micro_batches, shard
 from discriminator import Discriminator, d_accuracy, pad_id_for_scoring, pair_loss
 from health import Monitors
@@ -46,25 +47,6 @@ from model import Transformer, generate, token_logprobs
 DEMO_STUDENT_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_MARKERS = ("arr,arrr,matey,mateys,ahoy,aye,ye,yer,me hearty,hearties,landlubber,shiver me timbers,pirate,pirates,"
                 "buccaneer,buccaneers,scallywag,yo ho")
-
-
-def number(kind, low=None, above=None, high=None):
-    """An argparse type: an int or float within bounds (>= low, > above, <= high), else argparse's error."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(v) or (low is not None and v < low) or (above is not None and v <= above) or \
-                (high is not None and v > high):
-            bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
-                      f"<= {high}" if high is not None else ""]
-            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(b for b in bounds if b)})")
-        return v
-    return parse
-
-
-POS_INT, NONNEG_INT, POS, NONNEG = number(int, low=1), number(int, low=0), number(float, above=0), number(float, low=0)
 
 
 def parse_args(argv=None):
@@ -285,6 +267,7 @@ def run_eval(G, D, rows, args, tok, stop, eot, device):
 def eval_summary(res, markers):
     n = max(1, len(res))
     return dict(eval_d_student=sum(r["d_student"] for r in res) / n, eval_d_teacher=sum(r["d_teacher"] for r in res) / n,
+                eval_d_acc=sum(r["d_teacher"] > r["d_student"] for r in res) / n,  # D on held-out pairs
                 eval_len=sum(r["length"] for r in res) / n,
                 eval_marker_rate=marker_rate([r["response"] for r in res], markers),
                 eval_teacher_marker_rate=marker_rate([r["teacher"] or "" for r in res], markers))
@@ -345,7 +328,8 @@ def main(argv=None):
     log(f"student {g_path}: {G.num_params() / 1e6:.1f}M params; {world} process(es) on {device.type}, "
         f"{'bf16' if bf16 else 'fp32'} compute; end-of-turn {tok.convert_ids_to_tokens(eot)!r}")
     G = shard(G, device, bf16, args.activation_checkpointing)
-    adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+    # fused: one kernel per step over all parameters (4x faster than the per-parameter loop here)
+    adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, fused=True)
     g_opt = torch.optim.AdamW(G.parameters(), lr=args.lr, **adamw)
     d_opt = None
     if D is not None:
@@ -606,11 +590,9 @@ def main(argv=None):
                 f"{after['eval_d_student']:.3f} after (teacher's answers: {after['eval_d_teacher']:.3f})")
     if master:
         log(f"metrics: {metrics_path}; checkpoint: {last_ckpt}")
-        png = os.path.join(args.out_dir, "metrics.png")
         try:
             from evaluate import plot_metrics
-            if plot_metrics(metrics_path, png):
-                log(f"chart: {png}")
+            plot_metrics(metrics_path, os.path.join(args.out_dir, "metrics.png"))  # it says what it wrote
         except Exception as e:  # a chart is not worth failing a finished run for
             log(f"no chart ({type(e).__name__}: {e})")
     dist.barrier()

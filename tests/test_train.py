@@ -527,3 +527,38 @@ def test_disc_init_with_another_tokenizer_is_refused(world, tmp_path):
     tok.save_pretrained(other)
     r = run(base_args(world, disc_init=other), tmp_path / "o", check=False)
     assert r.returncode != 0 and "tokenizer differs from the student's" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_full_disk_end_in_one_line(world, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "int"
+    args = base_args(world, warmup_steps=0, max_steps=1000, eval_prompts=0)
+    p = subprocess.Popen([sys.executable, "train_gad.py"] + args + ["--out-dir", str(out)], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "interrupted" in stderr.strip().splitlines()[-1] and "--resume" in stderr
+    # a full disk while a checkpoint is written: one line naming the file; the older checkpoint stays whole
+    out = tmp_path / "full"
+    inject = ("import errno, runpy, sys, checkpoint\n"
+              "save, calls = checkpoint.save, []\n"
+              "def full(*a, **k):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2:\n"
+              "        raise OSError(errno.ENOSPC, 'No space left on device', a[0] + '/ckpt-000002.tmp')\n"
+              "    return save(*a, **k)\n"
+              "checkpoint.save = full\n"
+              "sys.argv = ['train_gad.py'] + sys.argv[1:]\n"
+              "runpy.run_path('train_gad.py', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", inject] + base_args(world, warmup_steps=1, d_only_steps=1, max_steps=3,
+                       save_every=1, eval_prompts=0) + ["--out-dir", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"train_gad.py: {out}/ckpt-000002.tmp: No space left on device"
+    assert (out / "ckpt-000001" / "resume" / "state.json").exists()
