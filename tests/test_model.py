@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from model import LoadError, Transformer, load_tokenizer, render_prompt, stop_token_ids, end_of_turn_id
+from loading import LoadError, end_of_turn_id, load_tokenizer, render_prompt, stop_token_ids
+from model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,7 +118,7 @@ def test_bad_inputs(tmp_path):
 
 def test_bad_input_cli_is_one_line(tmp_path):
     # what a user sees from a script: one line on stderr, non-zero exit, no traceback
-    code = ("import sys; from model import Transformer, LoadError\n"
+    code = ("import sys; from model import Transformer; from loading import LoadError\n"
             "try: Transformer.from_pretrained(sys.argv[1])\n"
             "except LoadError as e: sys.exit(f'error: {e}')")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,3 +159,56 @@ def test_smollm2_save_load(smol, tmp_path):
     x = torch.tensor([ids])
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() < 1e-3
+
+
+def test_saved_files(tmp_path):
+    # what transformers writes and reads: one model.safetensors (format=pt) or numbered shards + an
+    # index; a tied head is left out; a save replaces the weight files already there; the
+    # generation config (the eos ids the official sampler stops on) is kept
+    from safetensors import safe_open
+    hf = tiny_hf("llama_gqa_tied")
+    hf.generation_config.eos_token_id = [2, 5, 7]
+    hf.save_pretrained(tmp_path / "a")
+    ours = Transformer.from_pretrained(str(tmp_path / "a"))
+    ours.save_pretrained(tmp_path / "b", max_shard_bytes=40_000)
+    files = sorted(os.listdir(tmp_path / "b"))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(ours.state_dict()) - {"lm_head.weight"}
+    ours.save_pretrained(tmp_path / "b")
+    assert sorted(os.listdir(tmp_path / "b")) == ["config.json", "generation_config.json", "model.safetensors"]
+    with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(ours.state_dict()) - {"lm_head.weight"}
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
+    assert back.generation_config.eos_token_id == [2, 5, 7]
+    idx, _ = ragged_batch(TINY["vocab_size"], [9])
+    with torch.no_grad():
+        assert (back(input_ids=idx).logits - ours(idx)).abs().max() < 1e-4
+
+
+def test_stop_token_ids_read_the_generation_config(tmp_path):
+    # Qwen2.5 stops on <|im_end|> and <|endoftext|>, Llama-3.1 on <|eot_id|>, <|eom_id|> and
+    # <|end_of_text|>: transformers' generate takes them from generation_config.json's eos_token_id
+    # (an int or a list), else from config.json's
+    import toy
+    tok = toy.make_tokenizer()
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    d = tmp_path / "ckpt"
+    tok.save_pretrained(d)
+    assert stop_token_ids(load_tokenizer(str(d))) == [eot]
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": [eot, 9]}))
+    assert stop_token_ids(load_tokenizer(str(d))) == [eot, 9]
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [11, eot, 12]}))
+    assert stop_token_ids(load_tokenizer(str(d))) == [eot, 11, 12]  # generation_config.json wins
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 13}))
+    assert stop_token_ids(load_tokenizer(str(d))) == [eot, 13]
+    # a tokenizer from elsewhere, told which checkpoint it serves
+    assert stop_token_ids(tok, checkpoint=str(d)) == [eot, 13]
+    # a saved model keeps its generation config, so a trained checkpoint stops where its source did
+    hf = tiny_hf("llama_gqa_tied")
+    hf.generation_config.eos_token_id = [eot, 14]
+    hf.save_pretrained(tmp_path / "src")
+    Transformer.from_pretrained(str(tmp_path / "src")).save_pretrained(tmp_path / "out", tokenizer=tok)
+    assert stop_token_ids(load_tokenizer(str(tmp_path / "out"))) == [eot, 14]

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from model import Transformer, generate, load_tokenizer, render_prompt, stop_token_ids, token_logprobs
+from loading import load_tokenizer, render_prompt, stop_token_ids
+from model import Transformer, generate, token_logprobs
 from test_model import tiny_hf
 
 transformers = pytest.importorskip("transformers")
@@ -63,13 +64,17 @@ def test_rows_ending_at_different_steps(tiny, monkeypatch):
     _, ours = tiny
     prompts = prompts_of([7, 2, 15, 4], 97, seed=6)
     stop = list(range(3, 13))  # ~10% of the vocab: rows end after a few to a few dozen tokens
-    sizes = []
-    select = model.KVCache.select
+    sizes = []  # the cache's rows: at creation, then after each compaction
+    init, select = model.KVCache.__init__, model.KVCache.select
+    monkeypatch.setattr(model.KVCache, "__init__",
+                        lambda self, layers, batch, *a: (sizes.append(batch), init(self, layers, batch, *a))[1])
     monkeypatch.setattr(model.KVCache, "select", lambda self, rows: (sizes.append(len(rows)), select(self, rows)))
     got = generate(ours, prompts, n=4, max_new_tokens=40, temperature=1.0, stop_ids=stop, seed=[5, 6, 7, 8])
     ends = {len(s.tokens) for s in got if s.stopped}
     assert len(ends) >= 4, ends
-    assert sizes[0] == 16 and all(b <= 0.75 * a for a, b in zip(sizes[1:], sizes[2:])), sizes
+    # one row per sample from the start (the prefill writes each prompt's K/V into its 4 rows), then
+    # each compaction keeps at most 3/4 of the rows
+    assert sizes[0] == 16 and len(sizes) > 1 and all(b <= 0.75 * a for a, b in zip(sizes, sizes[1:])), sizes
     assert len(sizes) - 1 < len(ends), (sizes, ends)  # fewer compactions than distinct end steps
     for s in got:
         assert s.stopped == (s.tokens[-1] in stop) and not set(s.tokens[:-1]) & set(stop)
@@ -213,3 +218,210 @@ def test_sampler_distribution_and_batch_invariance(tiny):
     together = generate(ours, prompts, n=2, max_new_tokens=8, temperature=1.0, seed=seeds)
     alone = generate(ours, prompts[1:2], n=2, max_new_tokens=8, temperature=1.0, seed=seeds[1:2])
     assert [s.tokens for s in together[2:4]] == [s.tokens for s in alone]
+
+
+def test_sample_streams_never_collide(tiny):
+    # The trainer gives consecutive prompts consecutive seeds. Keys derived as hash32(seed * 31 + j)
+    # gave seed s's sample j + 31 the stream of seed s + 1's sample j: identical answers for n >= 32.
+    from model import M32, hash32, sample_keys
+    seeds = list(range(1000, 1064))
+    old = hash32((torch.tensor(seeds)[:, None] * 31 + torch.arange(64)) & M32)
+    assert len(set(old.flatten().tolist())) < 4096  # what the test would catch
+    assert len(set(sample_keys(seeds, 64).tolist())) == 4096
+    _, ours = tiny
+    out = generate(ours, [[5, 6, 7]] * 64, n=64, max_new_tokens=8, temperature=1.0, seed=seeds)
+    assert len({tuple(s.tokens) for s in out}) == 4096
+
+
+def test_max_batch_refills_finished_rows(tiny, monkeypatch):
+    # With max_batch, a row whose sample ended takes the next waiting prompt (continuous batching):
+    # fewer decode steps than fixed waves of prompts, and the same samples as one unbounded batch.
+    import model
+    _, ours = tiny
+    prompts = prompts_of([7, 2, 15, 4, 9, 3, 12, 5], 97, seed=6)
+    stop = list(range(3, 13))
+    kw = dict(n=2, max_new_tokens=30, temperature=1.0, stop_ids=stop, seed=7)
+    ref = generate(ours, prompts, **kw)
+    steps, admitted = [], []  # rows of each decode step; rows filled by each prefill
+    decode, prefill = model.KVCache.decode, model.KVCache.prefill
+    monkeypatch.setattr(model.KVCache, "decode", lambda self: (steps.append(len(self.lengths)), decode(self)))
+    monkeypatch.setattr(model.KVCache, "prefill",
+                        lambda self, lens, rows: (admitted.append(sum(map(len, rows))), prefill(self, lens, rows)))
+    got = generate(ours, prompts, max_batch=4, **kw)
+    assert [s.tokens for s in got] == [s.tokens for s in ref] and [s.stopped for s in got] == [s.stopped for s in ref]
+    for a, b in zip(got, ref):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    assert max(steps) == 4 and admitted[0] == 4 and set(admitted[1:]) == {2}  # whole prompts: n rows each
+    waves = sum(max(len(s.tokens) for s in ref[i:i + 4]) - 1 for i in range(0, 16, 4))  # 2 prompts a wave
+    print(f"decode steps: {len(steps)} refilling rows, {waves} in fixed waves")
+    assert len(steps) < waves
+    # a prompt's n samples may exceed the batch: they are admitted a row at a time
+    small = generate(ours, prompts[:3], max_batch=3, **{**kw, "n": 4})
+    assert [s.tokens for s in small] == [s.tokens for s in generate(ours, prompts[:3], **{**kw, "n": 4})]
+
+
+# -----------------------------------------------------------------------------
+# flash-attn's argument plumbing, checked on CPU through a stand-in
+
+def reference_attention(q, k, v, causal):
+    """q [B, T, H, hd], k/v [B, S, Hkv, hd]; fp32 math; flash's causal mask is aligned bottom-right."""
+    B, T, H, hd = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    k, v = (x.float().repeat_interleave(H // Hkv, dim=2) for x in (k, v))
+    att = torch.einsum("bthd,bshd->bhts", q.float(), k) / hd ** 0.5
+    if causal:
+        att = att.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(S - T + 1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", att.softmax(-1), v).to(q.dtype)
+
+
+@pytest.fixture
+def flash_standin(monkeypatch):
+    """flash-attn's flash_attn_func and flash_attn_varlen_func in plain PyTorch, with their signatures,
+    layouts and input checks, and model.py's CUDA path forced on; yields the calls made."""
+    import model
+    calls = []
+
+    def check(q, k, v):
+        assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[-2] % k.shape[-2] == 0
+        assert all(x.stride(-1) == 1 for x in (q, k, v))  # flash needs the head dim contiguous
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        check(q, k, v)
+        assert q.dim() == 4 and k.shape[:2] == v.shape[:2] == q.shape[:2] and softmax_scale is None
+        calls.append("dense")
+        return reference_attention(q, k, v, causal)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
+        check(q, k, v)
+        assert q.dim() == 3 and k.shape[0] == v.shape[0] == q.shape[0] and softmax_scale is None
+        for cu in (cu_seqlens_q, cu_seqlens_k):
+            assert cu.dtype == torch.int32 and cu.device == q.device and cu[0] == 0 and cu[-1] == q.shape[0]
+        lens = cu_seqlens_q.diff().tolist()
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k == max(lens)
+        calls.append("varlen")
+        out = torch.empty_like(q)
+        for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+            out[a:b] = reference_attention(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
+        return out
+
+    monkeypatch.setattr(model, "flash_attn_func", flash_attn_func)
+    monkeypatch.setattr(model, "flash_attn_varlen_func", flash_attn_varlen_func)
+    monkeypatch.setattr(model, "use_flash", lambda t: t.dtype in (torch.float16, torch.bfloat16))
+    return calls
+
+
+def test_flash_attention_plumbing(tiny, flash_standin):
+    # the CUDA path (flash-attn on padded batches and on packed prompts) against the SDPA path, in bf16
+    import copy
+    import model
+    _, ours = tiny
+    m = copy.deepcopy(ours).to(torch.bfloat16)
+    idx = torch.randint(3, 97, (3, 21))
+    prompts = prompts_of([5, 17, 1, 30, 9], 97, seed=8)
+    with torch.no_grad():
+        flash = m(idx)
+        assert flash_standin == ["dense"] * 2  # one per layer
+        flash_samples = generate(m, prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3)
+        assert flash_standin.count("varlen") == 2  # the prefill, one per layer
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model, "use_flash", lambda t: False)
+            sdpa = m(idx)
+            sdpa_samples = generate(m, prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3)
+    assert (flash - sdpa).abs().max() < 0.05 and flash.abs().max() > 0.1
+    worst = max(abs(x - y) for a, b in zip(flash_samples, sdpa_samples) for x, y in zip(a.logprobs, b.logprobs))
+    assert [s.tokens for s in flash_samples] == [s.tokens for s in sdpa_samples] and worst < 0.05, worst
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_attention_cuda(tiny):
+    flash_attn = pytest.importorskip("flash_attn")  # noqa: F841
+    import copy
+    import model
+    _, ours = tiny
+    m = copy.deepcopy(ours).to("cuda", torch.bfloat16)
+    idx = torch.randint(3, 97, (3, 21), device="cuda")
+    prompts = prompts_of([5, 17, 1, 30, 9], 97, seed=8)
+    with torch.no_grad():
+        assert model.use_flash(m.model.embed_tokens.weight)
+        flash, flash_samples = m(idx), generate(m, prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model, "use_flash", lambda t: False)
+            sdpa, sdpa_samples = m(idx), generate(m, prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3)
+    assert (flash - sdpa).abs().max() < 0.05
+    worst = max(abs(x - y) for a, b in zip(flash_samples, sdpa_samples) for x, y in zip(a.logprobs, b.logprobs))
+    assert worst < 0.05, worst
+
+
+def test_two_level_cdf_inversion():
+    # invert_cdf (block sums, then one block) picks what a search of the whole float64 CDF picks, and
+    # never a token of probability 0, whether or not the vocabulary is a multiple of the block
+    from model import CDF_BLOCK, invert_cdf
+    g = torch.Generator().manual_seed(0)
+    for V in (CDF_BLOCK * 7, CDF_BLOCK * 7 + 5):
+        p = torch.rand(64, V, generator=g) ** 8
+        p[p < 0.3] = 0  # most tokens impossible, as after a sharp softmax
+        p[:, -CDF_BLOCK:] = 0  # a whole block of them, at the end
+        p = p / p.sum(-1, keepdim=True)
+        u = torch.rand(64, 1000, generator=g, dtype=torch.float64)
+        for k in range(0, 1000, 50):
+            got = invert_cdf(p, u[:, k:k + 1]).squeeze(-1)
+            cdf = p.cumsum(-1, dtype=torch.float64)
+            ref = torch.searchsorted(cdf, u[:, k:k + 1] * cdf[:, -1:], right=True).squeeze(-1)
+            assert (p.gather(-1, got[:, None]) > 0).all()
+            assert (got == ref).float().mean() >= 0.99, (V, k)
+        # the edges: u -> 0 gives the first possible token, u -> 1 the last
+        first = (p > 0).float().argmax(-1)
+        last = V - 1 - (p.flip(-1) > 0).float().argmax(-1)
+        assert torch.equal(invert_cdf(p, torch.zeros(64, 1, dtype=torch.float64)).squeeze(-1), first)
+        assert torch.equal(invert_cdf(p, torch.full((64, 1), 1 - 2**-40, dtype=torch.float64)).squeeze(-1), last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_keep_the_samples(tiny, monkeypatch, dtype):
+    # On a CPU with oneDNN, generate lays every Linear's weight out once per rollout: the samples and
+    # their log-probs are those of the plain F.linear path (fp32 within rounding, bf16 alike), the
+    # log-probs match teacher forcing in the model's dtype, and the weights are given back after.
+    import contextlib
+    import copy
+    import model
+    _, ours = tiny
+    m = copy.deepcopy(ours).to(dtype)
+    prompts = prompts_of([5, 17, 1, 30, 9], 97, seed=8)
+    used = []
+    forward = model.Linear.forward
+    monkeypatch.setattr(model.Linear, "forward",
+                        lambda self, x: (used.append(self.packed is not None), forward(self, x))[1])
+    packed = generate(m, prompts, n=2, max_new_tokens=12, temperature=1.0, seed=3)
+    if not torch.backends.mkldnn.is_available() or (dtype == torch.bfloat16
+                                                     and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("no oneDNN path for this dtype on this CPU")
+    assert all(used) and all(lin.packed is None for lin in m.modules() if isinstance(lin, model.Linear))
+    monkeypatch.setattr(model, "packed_weights", lambda *a: contextlib.nullcontext())
+    plain = generate(m, prompts, n=2, max_new_tokens=12, temperature=1.0, seed=3)
+    assert [s.tokens for s in packed] == [s.tokens for s in plain]
+    tol = 1e-5 if dtype == torch.float32 else 1e-3  # (bf16: the same oneDNN kernel; bitwise equal here)
+    worst = max(abs(x - y) for a, b in zip(packed, plain) for x, y in zip(a.logprobs, b.logprobs))
+    assert worst <= tol, worst
+    for s in packed:
+        seq = torch.tensor([prompts[s.prompt_index] + s.tokens])
+        with torch.no_grad():
+            lp, _ = token_logprobs(m, seq)
+        tf = lp[0, len(prompts[s.prompt_index]) - 1:]
+        # bf16: the prefill + decode path and the whole-sequence path round differently (0.002 here)
+        assert (tf - torch.tensor(s.logprobs)).abs().max() <= (1e-4 if dtype == torch.float32 else 0.02)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step(tiny):
+    # generate(compile=True) runs the decode step through torch.compile (dynamic shapes: rows leave
+    # the batch, the span grows): the same samples as eager
+    _, ours = tiny
+    prompts = prompts_of([5, 17, 1, 30, 9], 97, seed=8)
+    kw = dict(n=3, max_new_tokens=20, temperature=1.0, seed=1, stop_ids=list(range(3, 10)))
+    compiled, eager = generate(ours, prompts, compile=True, **kw), generate(ours, prompts, **kw)
+    assert [s.tokens for s in compiled] == [s.tokens for s in eager]
+    assert max(abs(x - y) for a, b in zip(compiled, eager) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
