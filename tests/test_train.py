@@ -175,6 +175,32 @@ def test_bt_gradient_over_micro_batches_equals_the_pairwise_loss(world):
         assert torch.allclose(split[k], p.grad, atol=1e-6, rtol=1e-4), k
 
 
+def test_one_d_update_widens_the_margin_of_its_pairs(world):
+    """A defect check for D's update: after one AdamW step on a batch of pairs, those pairs' margins
+    D(teacher) - D(sample) are larger and their BT loss smaller (the sign and the wiring are right)."""
+    torch.manual_seed(0)
+    D = Discriminator.from_pretrained(world["student"])
+    opt = torch.optim.AdamW(D.parameters(), lr=1e-3)
+    n = 4
+    groups = [[[2, 4, 7 + i, 5, 19, 19, 19]] + [[2, 4, 7 + i, 5, 8 + (i + j) % 5, 9, 10] for j in range(n)]
+              for i in range(6)]
+
+    def margins():
+        out = []
+        for which, ids, lens in micro_batches(groups, 10_000, torch.device("cpu")):
+            s = D(ids, lens).view(len(which), n + 1)
+            out.append(s[:, :1] - s[:, 1:])
+        return torch.cat(out)
+
+    before = margins()
+    pair_loss("bt", before, torch.zeros_like(before)).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = margins()
+    assert after.mean() > before.mean() + 0.01 and (after > before).float().mean() > 0.9
+    assert pair_loss("bt", after, 0).mean() < pair_loss("bt", before.detach(), 0).mean()
+
+
 def test_eos_symmetry(world, tmp_path):
     tok = load_tokenizer(world["student"])
     eot = end_of_turn_id(tok)
