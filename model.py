@@ -287,15 +287,16 @@ def token_logprobs(model, input_ids, temperature=1.0, entropy=False):
 
 
 def _chunk_logprobs(h, w, t, temperature, want_entropy):
-    logits = (h @ w.t()).float()
-    if temperature != 1.0:  # no extra [chunk, V] copy in the common case
-        logits = logits / temperature
+    # 1/T scales the [chunk, C] hidden states, not the [chunk, V] logits: the same, for far less
+    logits = ((h / temperature if temperature != 1.0 else h) @ w.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
     if not want_entropy:
         return logp, None
-    p = torch.softmax(logits, dim=-1)
-    return logp, lse - (p * logits).sum(-1)
+    # the entropy is logged, never differentiated: without grad it keeps nothing for backward, so
+    # the checkpoint's recompute stops before it (early stop) and it is computed once, not twice
+    with torch.no_grad():
+        return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 def chunked_logprobs(h, w, targets, temperature=1.0, entropy=False, chunk=LOGPROB_CHUNK):
