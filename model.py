@@ -459,7 +459,7 @@ def next_token(logits, temperature, top_p, keys, t):
         # keep the smallest prefix of the sorted tokens whose mass reaches top_p, sample within it
         ps, order = p.sort(-1, descending=True)
         cdf = ps.cumsum(-1, dtype=torch.float64)
-        kept = ((cdf - ps) <= top_p).sum(-1, keepdim=True)
+        kept = ((cdf - ps) <= top_p).sum(-1, keepdim=True).clamp_(min=1)  # 0 only when p is NaN
         ids = torch.searchsorted(cdf, u * cdf.gather(-1, kept - 1), right=True).clamp_(max=p.shape[-1] - 1)
         ids = order.gather(-1, ids)
     else:
@@ -481,7 +481,9 @@ def invert_cdf(p, u):
     inner = pb.gather(1, b[:, :, None].expand(B, 1, CDF_BLOCK)).squeeze(1).cumsum(-1, dtype=torch.float64)
     # the block's own sum may round a hair below block_mass: keep u inside it, so the token found has p > 0
     u = torch.minimum(u, torch.nextafter(inner[:, -1:], torch.zeros_like(u)))
-    return b * CDF_BLOCK + torch.searchsorted(inner, u, right=True)
+    # clamped: with NaN probabilities (a diverged model) no CDF passes u; the NaN log-prob of the token
+    # then reaches the losses, and the loop's non-finite checks stop the run instead of an index error
+    return (b * CDF_BLOCK + torch.searchsorted(inner, u, right=True)).clamp_(max=V - 1)
 
 
 # -----------------------------------------------------------------------------

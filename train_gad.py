@@ -458,7 +458,7 @@ def main(argv=None):
                     (pair.sum() * world / (args.prompts_per_step * n)).backward()  # FSDP averages over ranks
                 rewards[which] = s[:, 1:].detach()
                 m.add(d_loss=pair, d_acc=d_accuracy(s[:, :1], s[:, 1:]) * pair.numel(), r_teacher=s[:, 0],
-                      r_student=s[:, 1:], r_student_sq=s[:, 1:] ** 2)
+                      r_student=s[:, 1:], r_student_sq=s[:, 1:] ** 2, d_tokens=lens_.sum())
             if train_d:
                 d_gnorm, ok = clip_and_step(d_opt, args.grad_clip)
                 m.add(d_grad_norm=d_gnorm / world)
@@ -516,7 +516,7 @@ def main(argv=None):
                         loss = (tok_loss * mask).sum() / n_tok_mb
                         (loss * world).backward()  # token-mean over the minibatch's global tokens
                         m.add(g_loss=loss / updates, entropy=ent * mask / n_tok_mb / updates,
-                              tokens=mask.sum() / updates)
+                              tokens=mask.sum() / updates, g_tokens=lens_.sum())
                     g_gnorm, ok = clip_and_step(g_opt, args.grad_clip)
                     m.add(g_grad_norm=g_gnorm / (updates * world))
                     skipped_steps += [] if ok else ["G"]
@@ -533,9 +533,10 @@ def main(argv=None):
                        resp_len_mean=tot["resp_len"] / pairs, resp_len_max=tot["resp_len_max"], cut_frac=tot["cut"] / pairs)
             if "d_grad_norm" in tot:
                 rec["d_grad_norm"] = tot["d_grad_norm"]
+            rec["d_tokens"] = int(tot["d_tokens"])  # tokens through D's pass (prompts included): for FLOP counts
         if stage != "d_only":
             rec.update({("g_loss" if stage == "gad" else "sft_loss"): tot["g_loss"], "entropy": tot["entropy"],
-                        "g_grad_norm": tot["g_grad_norm"]})
+                        "g_grad_norm": tot["g_grad_norm"], "g_tokens": int(tot["g_tokens"])})
             if stage == "gad":
                 rec.update(policy_loss=tot["policy_loss"], clip_frac=tot["clip_frac"], kl=tot.get("kl", 0.0))
         t_step = time.time() - t0
@@ -547,8 +548,9 @@ def main(argv=None):
             log(f"step {step - 1}: {' and '.join(skipped_steps)} gradient norm not finite ({losses}): update skipped",
                 file=sys.stderr)
             if bad_steps >= args.max_bad_steps:
-                raise Stop(f"step {step - 1}: loss is {losses} with a non-finite gradient for {bad_steps} steps in a "
-                           f"row; stopping. Last good checkpoint: {last_ckpt}")
+                norms = ", ".join(f"{k} {rec[k]}" for k in ("d_grad_norm", "g_grad_norm") if k in rec)
+                raise Stop(f"step {step - 1}: loss is {losses}; gradient norm {norms}: not finite for {bad_steps} "
+                           f"steps in a row; stopping. Last good checkpoint: {last_ckpt}")
 
         warnings = monitors.check(rec)
         for w in warnings:

@@ -380,6 +380,17 @@ def test_two_level_cdf_inversion():
         assert torch.equal(invert_cdf(p, torch.full((64, 1), 1 - 2**-40, dtype=torch.float64)).squeeze(-1), last)
 
 
+
+def test_diverged_logits_give_nan_logprobs_not_an_index_error():
+    # a model whose weights blew up gives NaN logits: the sampler still returns in-range ids, with NaN
+    # log-probs that the training loop's non-finite checks catch (CI once crashed here instead)
+    from model import next_token, sample_keys
+    for V, top_p in ((1000, 1.0), (1000, 0.9), (1024, 1.0)):
+        logits = torch.full((3, V), float("nan"))
+        logits[1, 5] = float("inf")
+        ids, lp = next_token(logits, 1.0, top_p, sample_keys([1, 2, 3], 1), 0)
+        assert ((ids >= 0) & (ids < V)).all() and torch.isnan(lp).all()
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_keep_the_samples(tiny, monkeypatch, dtype):
     # On a CPU with oneDNN, generate lays every Linear's weight out once per rollout: the samples and
