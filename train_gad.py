@@ -15,8 +15,8 @@ One process, or N GPUs (FSDP2), or several nodes through torchrun's own flags:
 The paper's recipe for Qwen2.5-7B-Instruct on 8 GPUs (see README for memory and time):
     torchrun --nproc_per_node=8 train_gad.py --student Qwen/Qwen2.5-7B-Instruct \
         --train-data data/lmsys_gpt5_train.jsonl --eval-data data/lmsys_gpt5_test.jsonl \
-        --prompts-per-step 256 --max-new-tokens 1536 --max-prompt-len 2048 --lr 1e-6 --d-lr 1e-6 \
-        --d-head-lr 1e-6 --warmup-steps 800 --max-steps 2400 --token-budget 32768 \
+        --prompts-per-step 256 --n-samples 8 --max-new-tokens 1536 --max-prompt-len 2048 --lr 1e-6 \
+        --d-lr 1e-6 --d-head-lr 1e-6 --d-only-steps 10 --warmup-steps 800 --max-steps 2400 --token-budget 32768 \
         --activation-checkpointing --eval-markers "" --out-dir out/gad-qwen7b
 (`--max-steps 800` alone is the warmup; `--init-from out/.../ckpt-000800` with the full command
 continues it exactly; `--mode seqkd --lr 5e-6` is the SeqKD baseline.)
@@ -68,12 +68,12 @@ def parse_args(argv=None):
       "(weights, both optimizer states, data position and step count carry over), writing to --out-dir")
     a("--keep-resume", type=POS_INT, default=2, help="the newest checkpoints that keep their resume state")
     # schedule; the scale defaults are the demo's, the paper's values are in the docstring
-    a("--max-steps", type=POS_INT, default=24, help="total steps, warmup included")
+    a("--max-steps", type=POS_INT, default=30, help="total steps, warmup included")
     a("--warmup-steps", type=NONNEG_INT, default=18, help="steps before the GAD stage (paper: ~1 epoch); 0: no "
       "warmup at all; equal to --d-only-steps: D warmup without G warmup (the paper's no-G-warmup ablation)")
-    a("--d-only-steps", type=NONNEG_INT, default=10, help="the first warmup steps train D only (D warmup; 0: none); "
-      "the remaining warmup steps also train G by SFT (G warmup)")
-    a("--prompts-per-step", type=POS_INT, default=2, help="global batch of prompts per step (paper: 256)")
+    a("--d-only-steps", type=NONNEG_INT, default=16, help="the first warmup steps train D only (D warmup; 0: none); "
+      "the remaining warmup steps also train G by SFT (G warmup; paper: 10 D-only steps)")
+    a("--prompts-per-step", type=POS_INT, default=16, help="global batch of prompts per step (paper: 256)")
     a("--max-new-tokens", type=POS_INT, default=48, help="response limit for samples and teacher (paper: 1536)")
     a("--max-prompt-len", type=POS_INT, default=2048, help="longer prompts are skipped and counted")
     a("--token-budget", type=POS_INT, default=2048, help="padded tokens per micro-batch: any batch fits memory "
@@ -81,8 +81,8 @@ def parse_args(argv=None):
     a("--rollout-rows", type=NONNEG_INT, default=0, help="at most this many responses decoded at once per "
       "process (bounds the KV cache; 0: all of them)")
     # the algorithm; defaults are the paper's
-    a("--n-samples", type=POS_INT, default=8, help="responses per prompt (GAD needs >= 2: advantages are "
-      "normalised within each prompt's group)")
+    a("--n-samples", type=POS_INT, default=2, help="responses per prompt (paper: 8; GAD needs >= 2: advantages "
+      "are normalised within each prompt's group). The demo's 2: D learns from many prompts, not many samples of one")
     a("--temperature", type=POS, default=0.8)
     a("--top-p", type=number(float, above=0, high=1), default=1.0)
     a("--sft-temperature", type=POS, default=0.8, help="SFT NLL on logits / this (official code: 0.8)")
@@ -95,10 +95,12 @@ def parse_args(argv=None):
     a("--clip-eps", type=POS, default=0.2)
     a("--dual-clip", type=number(float, above=1), default=3.0, help="dual-clip bound c for negative advantages")
     a("--kl-coef", type=NONNEG, default=0.001, help="k3-KL to the reference (G at the end of warmup); 0: no ref")
-    # optimisation: AdamW, constant lr; the paper uses 1e-6 for both (SeqKD 5e-6), the demo more
-    a("--lr", type=POS, default=1e-4, help="generator lr (paper: 1e-6; SeqKD 5e-6)")
-    a("--d-lr", type=POS, default=2e-5, help="discriminator lr (paper: 1e-6)")
-    a("--d-head-lr", type=POS, default=None, help="lr of D's fresh score head (default: --d-lr, the paper's)")
+    # optimisation: AdamW, constant lr; the paper uses 1e-6 for all (SeqKD 5e-6). The demo's D learns faster
+    # than its G (a D that lags is fooled by a G overshooting it), and its fresh score head faster than its
+    # pretrained body: Adam moves each weight ~lr per step, and the head starts at std 0.02
+    a("--lr", type=POS, default=2e-5, help="generator lr (paper: 1e-6; SeqKD 5e-6)")
+    a("--d-lr", type=POS, default=5e-5, help="discriminator lr (paper: 1e-6)")
+    a("--d-head-lr", type=POS, default=1e-3, help="lr of D's fresh score head (paper: equal to --d-lr)")
     a("--weight-decay", type=NONNEG, default=0.01)
     a("--beta1", type=number(float, low=0, high=0.999999), default=0.9)
     a("--beta2", type=number(float, low=0, high=0.999999), default=0.999)
@@ -119,7 +121,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337)
     a("--save-every", type=NONNEG_INT, default=0, help="checkpoint every N steps (0: only at the end)")
     a("--eval-every", type=NONNEG_INT, default=0, help="greedy eval every N steps (0: before and after only)")
-    a("--eval-prompts", type=NONNEG_INT, default=32, help="held-out prompts per eval")
+    a("--eval-prompts", type=NONNEG_INT, default=40, help="held-out prompts per eval")
     a("--eval-markers", default=DEMO_MARKERS, help="comma-separated words; eval reports the fraction of "
       "answers with any (the demo's persona rate); empty to disable")
     a("--wandb", action="store_true", help="also log to Weights & Biases (off by default)")
@@ -139,7 +141,6 @@ def parse_args(argv=None):
                 " samples per process and step")
     if args.resume and (args.overwrite or args.init_from):
         p.error("--resume continues the run in --out-dir: it goes with neither --overwrite nor --init-from")
-    args.d_head_lr = args.d_head_lr or args.d_lr
     return args
 
 

@@ -44,8 +44,9 @@ def base_args(w, **kw):
     """The toy run; fp32 by default, where 1 vs 2 processes and resume are exact (see DESIGN.md)."""
     a = dict(student=w["student"], train_data=w["train"], eval_data=w["test"], prompts_per_step=8,
              max_new_tokens=8, lr=1e-3, d_lr=1e-3, eval_markers="yes", eval_prompts=16, token_budget=64,
-             dtype="float32")
+             dtype="float32", n_samples=8)
     a.update(kw)
+    a.setdefault("d_head_lr", a["d_lr"])  # one D lr, as these tests were written (the demo's head lr is larger)
     return [x for k, v in a.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -509,6 +510,22 @@ def test_ablation_flags_under_two_processes(world, tmp_path, flags):
             with safe_open(str(f), "pt") as st:
                 keys |= set(st.keys())
         assert "D.score.bias" in keys
+
+
+def test_d_head_lr_is_the_score_heads_own(world, tmp_path):
+    # D's body at a rate of 1e-20: after one D-only step it is still the student's, and the head moved by
+    # about --d-head-lr (Adam's first step is ~lr per weight): 1e-2 against 1e-20 from the same start
+    heads = {}
+    for head_lr in (1e-2, 1e-20):
+        out = tmp_path / f"head{head_lr}"
+        run(base_args(world, warmup_steps=1, d_only_steps=1, max_steps=1, eval_prompts=0, d_lr=1e-20,
+                      d_head_lr=head_lr), out)
+        d = weights(out / "ckpt-000001" / "discriminator")
+        body = {k: v for k, v in weights(world["student"]).items() if k in d}
+        assert len(body) == len(d) - 1 and max((d[k] - v).abs().max().item() for k, v in body.items()) < 1e-15
+        heads[head_lr] = d["score.weight"]
+    step = (heads[1e-2] - heads[1e-20]).abs()
+    assert 0.5e-2 < step.max().item() < 1.5e-2 and step.mean().item() > 1e-3, step
 
 
 @pytest.mark.slow
