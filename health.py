@@ -10,6 +10,9 @@ says so in one line (train_gad.py prints it and records it in metrics.jsonl unde
 
 - D near chance: its pairwise accuracy averages within chance_band of 0.5 over `window` steps:
   D is not learning, so the reward is noise.
+- D fooled: in the GAD stage, D's accuracy on the fresh samples averages below 0.5 - chance_band over
+  `window` steps (trained or frozen D alike): D scores the student above the teacher, so G is
+  exploiting it, the reward hacking of a frozen or lagging D.
 - D saturated: accuracy averages >= saturation: the generator gets almost no signal, or D found a
   shortcut (classically, teacher and student answers that end differently).
 - Length drift: the mean response length moved by more than length_drift (a fraction) from its
@@ -24,12 +27,14 @@ class Monitors:
     def __init__(self, window, chance_band, saturation, length_drift, zero_adv):
         self.window, self.chance_band, self.saturation = window, chance_band, saturation
         self.length_drift, self.zero_adv = length_drift, zero_adv
-        self.d_acc, self.zero, self.gad_len0, self.active = [], [], None, set()
+        self.d_acc, self.gad_acc, self.zero, self.gad_len0, self.active = [], [], [], None, set()
 
     def check(self, rec):
         """The warnings that start with this step's record."""
         if "d_grad_norm" in rec:  # a step where D trained: its accuracy says how D learns
             self.d_acc = (self.d_acc + [rec["d_acc"]])[-self.window:]
+        if rec.get("stage") == "gad" and "d_acc" in rec:
+            self.gad_acc = (self.gad_acc + [rec["d_acc"]])[-self.window:]
         if "zero_adv_frac" in rec:
             self.zero = (self.zero + [rec["zero_adv_frac"]])[-self.window:]
         full = len(self.d_acc) == self.window
@@ -42,6 +47,12 @@ class Monitors:
                             f"D's accuracy is saturated ({acc:.2f} on average over {self.window} steps): G gets "
                             "little signal, or D found a shortcut (do teacher and student answers end alike?)"),
         }
+        if len(self.gad_acc) == self.window:
+            g = sum(self.gad_acc) / self.window
+            conditions["d_fooled"] = (g < 0.5 - self.chance_band,
+                                      f"D scores the student's samples above the teacher's ({g:.2f} accuracy on "
+                                      f"average over {self.window} GAD steps): G is exploiting D, the reward "
+                                      "hacking of a frozen or lagging D (a faster D: --d-lr, --d-head-lr)")
         if rec.get("stage") == "gad" and "resp_len_mean" in rec:
             self.gad_len0 = self.gad_len0 or rec["resp_len_mean"]
             drift = rec["resp_len_mean"] / self.gad_len0 - 1 if self.gad_len0 else 0.0

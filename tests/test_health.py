@@ -31,6 +31,18 @@ def test_d_near_chance_fires_once_after_a_window():
     assert run([rec(i, d_acc=0.5, d_trained=False) for i in range(8)]) == []
 
 
+def test_d_fooled_in_the_gad_stage_fires_for_a_frozen_d_too():
+    # the frozen-D arm of the README's comparison: accuracy on fresh samples falls below chance as G
+    # exploits the fixed D (0.5, 0.53, 0.34, 0.44, 0.28 there); D-only steps never count
+    accs = [0.3, 0.3, 0.3, 0.3, 0.3, 0.9, 0.8, 0.7, 0.5, 0.53, 0.34, 0.44, 0.28]
+    ws = run([rec(i, "d_only" if i < 5 else "gad", d_acc=a, d_trained=i < 5) for i, a in enumerate(accs)])
+    fooled = [w for w in ws if "exploiting" in w]
+    assert len(fooled) == 1 and "step 12" in fooled[0] and "0.42" in fooled[0], ws
+    # a game that hovers above chance stays quiet
+    accs = [0.91, 0.75, 0.78, 0.66, 0.88, 0.59, 0.84, 0.66, 0.5, 0.72, 0.66, 0.78]  # the default demo's GAD stage
+    assert not [w for w in run([rec(i, "gad", d_acc=a) for i, a in enumerate(accs)]) if "exploiting" in w]
+
+
 def test_d_saturated_fires_and_rearms():
     accs = [0.99, 1.0, 1.0, 0.99, 1.0, 0.6, 0.6, 0.6, 0.6, 0.6, 1.0, 1.0, 1.0, 1.0, 1.0]
     ws = run([rec(i, d_acc=a) for i, a in enumerate(accs)])
