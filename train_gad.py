@@ -109,7 +109,8 @@ def parse_args(argv=None):
       "is not finite (each is skipped)")
     # health monitors (health.py): a warning line, also in metrics.jsonl, when the game breaks
     a("--monitor-window", type=POS_INT, default=5, help="steps the D-accuracy and zero-advantage monitors average")
-    a("--warn-d-chance", type=NONNEG, default=0.05, help="warn when D's accuracy stays within this of 0.5")
+    a("--warn-d-chance", type=NONNEG, default=0.05, help="warn when D's accuracy stays within this of 0.5, "
+      "or, in the GAD stage, below 0.5 by more than this (G exploiting D)")
     a("--warn-d-saturated", type=POS, default=0.98, help="warn when D's accuracy averages at least this")
     a("--warn-length-drift", type=POS, default=0.5, help="warn when the mean response length moves by more "
       "than this fraction from its value at the start of the GAD stage")
