@@ -580,9 +580,10 @@ def plot_metrics(path, out):
     for ax, (title, ks) in zip(axes.flat, panels):
         for k in ks:
             ax.plot(*zip(*[(step(i, r), r[k]) for i, r in enumerate(rows) if num(r.get(k))]), label=k, lw=1)
-        for x, stage in bounds:
+        for j, (x, stage) in enumerate(bounds):  # labels one under the other: stages can be a step apart
             ax.axvline(x, color="gray", ls=":", lw=0.8)
-            ax.text(x, ax.get_ylim()[1], f" {stage}", fontsize=7, va="top", color="gray")
+            ax.text(x, 0.98 - 0.07 * j, f" {stage}", fontsize=7, va="top", color="gray",
+                    transform=ax.get_xaxis_transform())
         ax.set(title=title, xlabel="step")
         if len(ks) > 1:
             ax.legend(fontsize=7)
