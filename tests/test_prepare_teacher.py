@@ -331,8 +331,11 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-key"}
     with FakeOpenAI(delay=0.25) as srv:
         args = fast(srv, "--prompts", prompts, "--out", str(out), "--concurrency", "2")
+        # SIG_DFL in the child: a runner that starts the tests in the background with SIGINT ignored would
+        # otherwise pass that on, and the child would never see the Ctrl-C
         proc = subprocess.Popen([sys.executable, str(ROOT / "prepare_teacher.py"), *args], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         t = time.time()
         while done_lines(out) < 2 and time.time() - t < 30:
             time.sleep(0.01)

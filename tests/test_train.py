@@ -579,7 +579,8 @@ def test_ctrl_c_and_full_disk_end_in_one_line(world, tmp_path):
     out = tmp_path / "int"
     args = base_args(world, warmup_steps=0, max_steps=1000, eval_prompts=0)
     p = subprocess.Popen([sys.executable, "train_gad.py"] + args + ["--out-dir", str(out)], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if the runner ignores it
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
