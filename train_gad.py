@@ -460,7 +460,7 @@ def main(argv=None):
                     (pair.sum() * world / (args.prompts_per_step * n)).backward()  # FSDP averages over ranks
                 rewards[which] = s[:, 1:].detach()
                 m.add(d_loss=pair, d_acc=d_accuracy(s[:, :1], s[:, 1:]) * pair.numel(), r_teacher=s[:, 0],
-                      r_student=s[:, 1:], r_student_sq=s[:, 1:] ** 2, d_tokens=lens_.sum())
+                      r_student=s[:, 1:], r_student_sq=s[:, 1:] ** 2)
             if train_d:
                 d_gnorm, ok = clip_and_step(d_opt, args.grad_clip)
                 m.add(d_grad_norm=d_gnorm / world)
@@ -518,7 +518,7 @@ def main(argv=None):
                         loss = (tok_loss * mask).sum() / n_tok_mb
                         (loss * world).backward()  # token-mean over the minibatch's global tokens
                         m.add(g_loss=loss / updates, entropy=ent * mask / n_tok_mb / updates,
-                              tokens=mask.sum() / updates, g_tokens=lens_.sum())
+                              tokens=mask.sum() / updates)
                     g_gnorm, ok = clip_and_step(g_opt, args.grad_clip)
                     m.add(g_grad_norm=g_gnorm / (updates * world))
                     skipped_steps += [] if ok else ["G"]
@@ -535,10 +535,9 @@ def main(argv=None):
                        resp_len_mean=tot["resp_len"] / pairs, resp_len_max=tot["resp_len_max"], cut_frac=tot["cut"] / pairs)
             if "d_grad_norm" in tot:
                 rec["d_grad_norm"] = tot["d_grad_norm"]
-            rec["d_tokens"] = int(tot["d_tokens"])  # tokens through D's pass (prompts included): for FLOP counts
         if stage != "d_only":
             rec.update({("g_loss" if stage == "gad" else "sft_loss"): tot["g_loss"], "entropy": tot["entropy"],
-                        "g_grad_norm": tot["g_grad_norm"], "g_tokens": int(tot["g_tokens"])})
+                        "g_grad_norm": tot["g_grad_norm"]})
             if stage == "gad":
                 rec.update(policy_loss=tot["policy_loss"], clip_frac=tot["clip_frac"], kl=tot.get("kl", 0.0))
         t_step = time.time() - t0
