@@ -24,6 +24,7 @@ Only the newest --keep-resume checkpoints keep resume/; older ones keep their HF
 
 import json
 import os
+import re
 import shutil
 
 import torch.distributed as dist
@@ -37,16 +38,26 @@ try:
 except ImportError:  # no advisory locks on Windows: run one writer at a time yourself
     fcntl = None
 
-RUN_FILES = ("metrics.jsonl", "metrics.png")  # with ckpt-*/, eval/ and eval-*.jsonl: what --overwrite removes
+# What a training run writes in its out-dir, and all that --overwrite ever deletes. evaluate.py's
+# eval/ is not among them: it holds another program's results and caches.
+RUN_ENTRY = re.compile(r"ckpt-\d{6}(\.tmp)?|metrics\.jsonl(\.tmp)?|metrics\.png|eval-\d{6}\.jsonl")
 
 
 class RunDirError(Exception):
     """The out-dir cannot be used as asked; the message is one line."""
 
 
+def run_entries(out_dir):
+    """The entries of out_dir that a training run wrote there."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(f for f in os.listdir(out_dir) if RUN_ENTRY.fullmatch(f))
+
+
 def check_out_dir(out_dir, resume, overwrite):
-    """Before anything is loaded or written: the out-dir must be a directory we can create, and a
-    fresh run never writes into another run's files (a forgotten --resume would mix two runs)."""
+    """Before anything is loaded or written: the out-dir must be a directory we can create; a fresh
+    run never writes into another run's files (a forgotten --resume would mix two runs); --resume
+    never starts afresh over a run it cannot continue; --overwrite deletes only a training run."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunDirError(f"--out-dir {out_dir}: exists and is not a directory")
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -55,7 +66,17 @@ def check_out_dir(out_dir, resume, overwrite):
     if not os.path.isdir(parent) or not os.access(parent if not os.path.isdir(out_dir) else out_dir, os.W_OK):
         raise RunDirError(f"--out-dir {out_dir}: cannot be created or written ({parent} is not a writable directory)")
     used = os.path.isdir(out_dir) and [f for f in os.listdir(out_dir) if f != ".lock"]
-    if used and not resume and not overwrite:
+    if not used:
+        return
+    ours = run_entries(out_dir)
+    if not ours and (resume or overwrite):
+        raise RunDirError(f"--out-dir {out_dir}: holds no training run ({len(used)} other entries, such as "
+                          f"{sorted(used)[0]!r}), so there is nothing to {'continue' if resume else 'overwrite'}; "
+                          "choose another --out-dir")
+    if resume and not resumable(out_dir):
+        raise RunDirError(f"--out-dir {out_dir}: holds a run ({len(ours)} entries) but no checkpoint with resume "
+                          "state to continue from; start afresh with --overwrite, or choose another --out-dir")
+    if not resume and not overwrite:
         raise RunDirError(f"--out-dir {out_dir}: holds an earlier run ({len(used)} entries); continue it with "
                           "--resume, start afresh with --overwrite (deletes its checkpoints and metrics), or "
                           "choose another --out-dir")
@@ -76,19 +97,17 @@ def lock_out_dir(out_dir, overwrite):
             f.close()
             raise RunDirError(f"--out-dir {out_dir}: another run is writing there (it holds {out_dir}/.lock)") from None
     if overwrite:
-        for name in os.listdir(out_dir):
+        for name in run_entries(out_dir):
             p = os.path.join(out_dir, name)
-            if (name.startswith("ckpt-") or name == "eval") and os.path.isdir(p):  # eval/: evaluate.py --run's
-                shutil.rmtree(p)
-            elif name in RUN_FILES or (name.startswith("eval-") and name.endswith(".jsonl")):
-                os.remove(p)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     _held.append(f)
 
 
 def _state(models, opts, keys):
     """The DCP state dict of the named models and optimizers (sharded DTensors, no copies), and the
     names left out of it because they alias another entry (tied embeddings): safetensors stores a
-    tensor once."""
+    tensor once. An optimizer must have state already: get_state_dict gives a stateless one state
+    by taking a zero step, which would count as one of its updates."""
     sd, aliases = {}, {}
     for k in keys:
         if k.startswith("opt"):
@@ -135,15 +154,20 @@ def save(out_dir, step, models, opts, state, export, keep_resume):
             if rank == 0:
                 export(kind, os.path.join(tmp, kind), full)
             del full
-    keys = [k for k, m in models.items() if m is not None] + [f"opt{k}" for k, o in opts.items() if o is not None]
+    # an optimizer that has not stepped yet (G in the D-only steps) has nothing to save, and stays so
+    keys = [k for k, m in models.items() if m is not None] + [f"opt{k}" for k, o in opts.items() if o is not None and o.state]
     # save_distributed: every rank writes its own shard file (the default would have all ranks
     # write the same file name); DCP fsyncs the files it writes
     dcp.save(_state(models, opts, keys)[0], storage_writer=HuggingFaceStorageWriter(os.path.join(tmp, "resume"),
                                                                                  save_distributed=True))
     dist.barrier()
     if rank == 0:
-        with open(os.path.join(tmp, "resume", "state.json"), "w") as f:
-            json.dump({**state, "saved": keys}, f, indent=2)
+        resume = os.path.join(tmp, "resume")
+        # every rank's files with their sizes: a load checks them all before it reads one (DCP's
+        # safetensors reader sizes each tensor from the files present and would skip a missing one)
+        files = {f: os.path.getsize(os.path.join(resume, f)) for f in sorted(os.listdir(resume))}
+        with open(os.path.join(resume, "state.json"), "w") as f:
+            json.dump({**state, "saved": keys, "files": files}, f, indent=2)
         for d, _, files in os.walk(tmp):
             for name in files:
                 _fsync(os.path.join(d, name))
@@ -171,11 +195,31 @@ def read_state(ck):
         return json.load(f)
 
 
+def check_complete(ck, st):
+    """Every file the save wrote is there at its size, else a ValueError naming the first that is not.
+    Checkpoints saved before the file list was kept are checked for one shard file per process."""
+    resume = os.path.join(ck, "resume")
+    if "files" not in st:
+        have = {f.split("-model-")[0] for f in os.listdir(resume) if f.startswith("shard-")}
+        missing = [f"shard-{r + 1:05d}-*" for r in range(st.get("world", 1)) if f"shard-{r + 1:05d}" not in have]
+        if missing:
+            raise ValueError(f"resume/{missing[0]} is missing (saved on {st.get('world', 1)} processes)")
+        return
+    for name, size in st["files"].items():
+        p = os.path.join(resume, name)
+        if not os.path.isfile(p):
+            raise ValueError(f"resume/{name} is missing")
+        if os.path.getsize(p) != size:
+            raise ValueError(f"resume/{name} has {os.path.getsize(p)} bytes, {size} were saved")
+
+
 def load(ck, models, opts):
     """Load a checkpoint's resume state into the models and optimizers (on any number of processes)
     and return its state.json. What the checkpoint has not saved (say the discriminator of a SeqKD
-    run) is left as it is. Raises on anything unreadable; the caller may try an older checkpoint."""
+    run, or the state of an optimizer that had not stepped) is left as it is. Raises on anything
+    missing or unreadable, before anything is loaded; the caller may try an older checkpoint."""
     st = read_state(ck)
+    check_complete(ck, st)
     keys = [k for k in st["saved"] if (models.get(k[3:] if k.startswith("opt") else k) is not None)]
     sd, aliases = _state(models, opts, keys)
     dcp.load(sd, storage_reader=HuggingFaceStorageReader(os.path.join(ck, "resume")))

@@ -372,6 +372,27 @@ def test_out_dir_is_never_reused_by_accident(world, tmp_path):
     run(base_args(world, warmup_steps=1, d_only_steps=1, max_steps=1, eval_prompts=0) + ["--overwrite"], out)
     assert sorted(d for d in os.listdir(out) if d.startswith("ckpt-")) == ["ckpt-000001"]
     assert [m["step"] for m in metrics(out)] == [0] and (out / "notes.txt").read_text() == "mine"
+    # --resume over a run whose checkpoints have no resume state: refused, nothing rewritten
+    for st in out.glob("ckpt-*/resume/state.json"):
+        st.unlink()
+    digest = tree_digest(out)
+    r = run(args + ["--resume"], out, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "no checkpoint with resume state" in r.stderr.strip().splitlines()[-1] and tree_digest(out) == digest
+    # --overwrite keeps what the run did not write (evaluate.py's eval/), and refuses a directory
+    # that holds no training run
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    run(base_args(world, warmup_steps=1, d_only_steps=1, max_steps=1, eval_prompts=0) + ["--overwrite"], out)
+    assert (out / "eval" / "results.json").read_text() == "{}"
+    other = tmp_path / "evals"
+    (other / "eval").mkdir(parents=True)
+    (other / "eval" / "results.json").write_text("{}")
+    digest = tree_digest(other)
+    for flag in ("--overwrite", "--resume"):
+        r = run(args + [flag], other, check=False)
+        assert r.returncode == 1 and "holds no training run" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        assert tree_digest(other) == digest
     # an out-dir that is a file: one line before anything is loaded
     (tmp_path / "file").write_text("x")
     r = run(args, tmp_path / "file", check=False)
@@ -380,20 +401,60 @@ def test_out_dir_is_never_reused_by_accident(world, tmp_path):
 
 @pytest.mark.slow
 def test_resume_keeps_k_checkpoints_and_falls_back(world, tmp_path):
+    """On 2 processes: the newest K checkpoints keep their resume state; a checkpoint that misses one
+    process's shard, or has one truncated, is named in one line and the next older one is loaded
+    whole (DCP's safetensors reader alone would load the shards present and leave the rest as is)."""
     out = tmp_path / "run"
     args = base_args(world, warmup_steps=1, d_only_steps=1, max_steps=4, save_every=1, eval_prompts=0)
-    run(args + ["--keep-resume", "2"], out)
+    run(args + ["--keep-resume", "2"], out, nproc=2)
+    full = metrics(out)
     have = sorted(d for d in os.listdir(out) if d.startswith("ckpt-"))
     assert have == [f"ckpt-00000{i}" for i in (1, 2, 3, 4)]
     assert [os.path.isdir(out / d / "resume") for d in have] == [False, False, True, True]
     assert all((out / d / "generator" / "config.json").exists() for d in have)  # HF exports stay
-    # the newest checkpoint is damaged: resume reports it in one line and uses the next older one
-    shard = next((out / "ckpt-000004" / "resume").glob("*.safetensors"))
-    shard.write_bytes(shard.read_bytes()[:100])
-    r = run(base_args(world, warmup_steps=1, d_only_steps=1, max_steps=5, save_every=1, eval_prompts=0) +
-            ["--resume"], out)
-    assert "ckpt-000004: cannot load it" in r.stderr and "resumed from" in r.stdout and "ckpt-000003" in r.stdout
+    shards = sorted((out / "ckpt-000004" / "resume").glob("shard-*.safetensors"))
+    assert len(shards) == 2
+    shards[0].unlink()  # rank 0's half of every tensor
+    more = base_args(world, warmup_steps=1, d_only_steps=1, max_steps=5, save_every=1, eval_prompts=0) + ["--resume"]
+    r = run(more, out, nproc=2)
+    assert "ckpt-000004: cannot load it" in r.stderr and "shard-00001" in r.stderr and "is missing" in r.stderr
+    assert "resumed from" in r.stdout and "ckpt-000003" in r.stdout
     assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3, 4]
+    assert_same_metrics(full[3:4], metrics(out)[3:4])  # step 3 again, from a whole ckpt-000003: the same
+    # a truncated shard is caught before DCP reads it, the same way
+    shard = next((out / "ckpt-000005" / "resume").glob("shard-00002-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    r = run(more[:more.index("--max-steps") + 1] + ["6"] + more[more.index("--max-steps") + 2:], out)
+    assert "ckpt-000005: cannot load it" in r.stderr and "bytes" in r.stderr and "ckpt-000004" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_save_changes_nothing(world, tmp_path):
+    """Saving every step, during the D-only steps too, gives bitwise the same run as saving only at
+    the end: no phantom optimizer step (torch's get_state_dict would give G's stateless AdamW one), and
+    each optimizer's step count is the number of updates it made. --init-from a checkpoint of the D-only
+    steps continues exactly."""
+    kw = dict(warmup_steps=3, d_only_steps=2, max_steps=4, eval_prompts=0)
+    run(base_args(world, **kw), tmp_path / "end")
+    run(base_args(world, save_every=1, keep_resume=4, **kw), tmp_path / "every")
+    end, every = metrics(tmp_path / "end"), metrics(tmp_path / "every")
+    assert_same_metrics(end, every, rel=0, abs_=0)
+    for part in ("generator", "discriminator"):
+        a, b = (weights(tmp_path / d / "ckpt-000004" / part) for d in ("end", "every"))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    from safetensors import safe_open
+    steps = {}
+    for f in (tmp_path / "every" / "ckpt-000004" / "resume").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            steps.update({k: st.get_tensor(k).item() for k in st.keys() if k.endswith(".step")})
+    assert {v for k, v in steps.items() if k.startswith("optD.")} == {4}  # D trains at every step
+    assert {v for k, v in steps.items() if k.startswith("optG.")} == {2}  # G only in steps 2 and 3
+    state = json.loads((tmp_path / "every" / "ckpt-000001" / "resume" / "state.json").read_text())
+    assert "optG" not in state["saved"] and "optD" in state["saved"]  # G had not stepped: nothing to save
+    run(base_args(world, init_from=tmp_path / "every" / "ckpt-000001", **kw), tmp_path / "init")
+    assert_same_metrics(end[1:], metrics(tmp_path / "init"), rel=0, abs_=0)
+    a, b = (weights(tmp_path / d / "ckpt-000004" / "generator") for d in ("end", "init"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
