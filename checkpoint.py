@@ -17,21 +17,29 @@ format would keep it as a pickle. Non-tensor state (step, data position) goes to
 Only the newest --keep-resume checkpoints keep resume/; older ones keep their HF exports.
 
     import checkpoint
-    checkpoint.save("out/demo", step, {"G": G, "D": D, "R": ref}, {"G": g_opt, "D": d_opt}, state, export)
-    for ck in checkpoint.resumable("out/demo"):   # newest first
-        state = checkpoint.load(ck, {"G": G, "D": D, "R": ref}, {"G": g_opt, "D": d_opt})
+    checkpoint.save("out/demo", step, models, opts, state, tok, d_pad_id, keep_resume=2)
+    state, ck = checkpoint.restore(checkpoint.resumable("out/demo"), models, opts, make_reference, log)
+    kept = checkpoint.truncate_metrics("out/demo/metrics.jsonl", state["step"])  # records before the step
+
+models = {"G": G, "D": D, "R": ref} and opts = {"G": g_opt, "D": d_opt}; None where a run has none.
 """
 
 import json
 import os
 import re
 import shutil
+import sys
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+
+from data import read_jsonl
+from discriminator import save_discriminator
+from loading import save_model
 
 try:
     import fcntl
@@ -137,10 +145,10 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(out_dir, step, models, opts, state, export, keep_resume):
+def save(out_dir, step, models, opts, state, tokenizer, d_pad_id, keep_resume):
     """Write ckpt-<step> atomically: everything goes to ckpt-<step>.tmp, every file and directory is
     fsynced, then one rename. A crash leaves the older checkpoints and a .tmp dir that resume ignores.
-    export(kind, directory, full_state_dict) writes an HF export on rank 0."""
+    Rank 0 writes the HF exports of G and D (D's with d_pad_id, see save_discriminator)."""
     rank = dist.get_rank()
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".tmp"
@@ -151,8 +159,10 @@ def save(out_dir, step, models, opts, state, export, keep_resume):
     for key, kind in (("G", "generator"), ("D", "discriminator")):
         if models.get(key) is not None:
             full = get_model_state_dict(models[key], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if rank == 0:
-                export(kind, os.path.join(tmp, kind), full)
+            if rank == 0 and key == "G":
+                save_model(models[key], os.path.join(tmp, kind), tokenizer, state_dict=full)
+            elif rank == 0:
+                save_discriminator(models[key], os.path.join(tmp, kind), tokenizer, state_dict=full, pad_token_id=d_pad_id)
             del full
     # an optimizer that has not stepped yet (G in the D-only steps) has nothing to save, and stays so
     keys = [k for k, m in models.items() if m is not None] + [f"opt{k}" for k, o in opts.items() if o is not None and o.state]
@@ -235,3 +245,34 @@ def load(ck, models, opts):
                 set_state_dict(models[k], o, model_state_dict=sd[k],
                                optim_state_dict={"state": sd[f"opt{k}"], "param_groups": osd["param_groups"]})
     return st
+
+
+def restore(sources, models, opts, make_reference, log=print):
+    """Load the first of the checkpoints `sources` (newest first) that loads whole, naming each one
+    that does not in one line on stderr; make_reference() builds the reference policy where the
+    checkpoint saved one. Returns (its state.json, its path), (None, None) without sources, and raises
+    RunDirError when none of them loads."""
+    for ck in sources:
+        try:
+            st = read_state(ck)
+            models["R"] = make_reference() if "R" in st["saved"] else None
+            return load(ck, models, opts), ck
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            log(f"{ck}: cannot load it ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                "trying the next older checkpoint", file=sys.stderr)
+    if sources:
+        raise RunDirError(f"no loadable checkpoint among {', '.join(sources)}")
+    return None, None
+
+
+def truncate_metrics(path, step):
+    """Drop the records of steps from `step` on (a run resumed from an earlier checkpoint logs them
+    again) and a torn last line; returns the records kept."""
+    if not os.path.exists(path):
+        return []
+    keep = [m for _, m in read_jsonl(path, torn_ok=True) if m["step"] < step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in keep)
+    os.replace(path + ".tmp", path)
+    return keep
+

@@ -34,6 +34,14 @@ def init_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def peak_memory_gib(device):
+    """The process's peak memory so far: allocated on a GPU, resident (ru_maxrss) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def fast_bf16(device):
     """Hardware where bf16 matrix products are fast: CUDA GPUs, and CPUs with AVX512-BF16 or AMX."""
     if device.type == "cuda":
@@ -86,14 +94,22 @@ def micro_batches(items, token_budget, device):
 
 class StepMetrics:
     """A step's metrics as device tensors: summed over micro-batches with no host sync, then over
-    ranks in a single collective at the end of the step."""
+    ranks in a single collective at the end of the step. A metric added with per=N is reported as its
+    global sum divided by N (a mean over the step's N pairs, prompts, ...); top() keeps a maximum.
+
+        m.add(d_loss=pair_losses, per=pairs)
+        m.top(resp_len_max=lengths)
+        m.reduce()  # {"d_loss": ..., "resp_len_max": ...}, the same on every rank
+    """
 
     def __init__(self, device):
-        self.device, self.sums, self.maxes = device, {}, {}
+        self.device, self.sums, self.maxes, self.per = device, {}, {}, {}
 
-    def add(self, **kw):
+    def add(self, per=None, **kw):
         for k, v in kw.items():
             self.sums[k] = self.sums.get(k, 0) + torch.as_tensor(v, device=self.device).detach().double().sum()
+            if per is not None:
+                self.per[k] = per
 
     def top(self, **kw):
         for k, v in kw.items():
@@ -108,7 +124,8 @@ class StepMetrics:
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
         every = torch.stack(parts).cpu()
-        return {k: (every[:, i].sum() if i < len(self.sums) else every[:, i].max()).item() for i, k in enumerate(keys)}
+        out = {k: (every[:, i].sum() if i < len(self.sums) else every[:, i].max()).item() for i, k in enumerate(keys)}
+        return {k: v / self.per[k] if k in self.per else v for k, v in out.items()}
 
 
 def clip_and_step(opt, max_norm):

@@ -43,9 +43,7 @@ written); 130 Ctrl-C (the caches are kept).
 
 import argparse
 import hashlib
-import io
 import json
-import math
 import os
 import re
 import sys
@@ -57,11 +55,13 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-import prepare_teacher as pt
-from data import DataError, read_jsonl
+from api import FatalAPIError, RetryError, chat_with_retry, exit_now, make_client, one_line, request_key, run_pool
+from charts import plot_metrics, pyplot, save_png
+from data import DataError, JsonlStore, jsonl, render_prompt, write_atomic
 from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env, number
-from loading import LoadError, end_of_turn_id, load_tokenizer, read_json, render_prompt, resolve_checkpoint, stop_token_ids
-from model import Transformer, generate
+from generate import generate
+from importers import import_file
+from loading import LoadError, end_of_turn_id, load_model, load_tokenizer, read_json, resolve_checkpoint, stop_token_ids
 
 PROG = "evaluate.py"
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -148,7 +148,7 @@ def parse_spec(spec):
 def load_rows(path, flag):
     """Rows of our format from our JSONL or any format prepare_teacher.py imports, checked by data.py."""
     try:
-        rows = pt.import_file(path)
+        rows = import_file(path)
     except DataError as e:
         raise DataError(f"{flag}: {e}") from None
     if not rows:
@@ -204,7 +204,7 @@ def load_inputs(args):
 
 
 def check_discriminator(path):
-    """Discriminator.from_pretrained gives a checkpoint without a score head a fresh random one (right
+    """load_model(path, Discriminator) gives a checkpoint without a score head a fresh random one (right
     for train_gad.py, which starts D from the student); here that would score noise, silently."""
     if path.endswith(".gguf"):
         raise DataError(f"--discriminator: {path} is a GGUF file, a generator, never a discriminator "
@@ -292,7 +292,7 @@ def generate_answers(name, path, rows, args, store):
     if todo:
         device, dtype = torch_setup(args)
         tok = load_tokenizer(path)
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+        model = load_model(path, dtype=dtype, device=device).eval()
         stop, prompts = stop_token_ids(tok, path), {i: render_prompt(tok, rows[i]["messages"]) for i in todo}
         todo.sort(key=lambda i: -len(prompts[i]))  # similar lengths per batch: less padding
         for b in tqdm(range(0, len(todo), args.batch_size), desc=f"generate {name}", unit="batch"):
@@ -310,7 +310,7 @@ def collect_answers(models, sets, args):
     """{(set, model): [{answer, cut}] in the set's order}; also written to <out-dir>/answers/."""
     answers = {}
     generating = any(kind == "checkpoint" for kind, _ in models.values())  # else no cache file is made
-    with closing(pt.JsonlStore(os.path.join(args.out_dir, "generations.jsonl"))) if generating else nullcontext() as store:
+    with closing(JsonlStore(os.path.join(args.out_dir, "generations.jsonl"))) if generating else nullcontext() as store:
         for m, (kind, path) in models.items():
             ans_rows = load_rows(path, "--models") if kind == "answers" else None
             for s, rows in sets.items():
@@ -320,7 +320,7 @@ def collect_answers(models, sets, args):
                     answers[s, m] = match_answers(rows, ans_rows, path, s)
                 else:
                     answers[s, m] = generate_answers(m, path, rows, args, store)
-                pt.write_atomic(os.path.join(args.out_dir, "answers", f"{m}__{s}.jsonl"), pt.jsonl(
+                write_atomic(os.path.join(args.out_dir, "answers", f"{m}__{s}.jsonl"), jsonl(
                     {"id": r["id"], "messages": r["messages"], "answer": a["answer"], "model": m,
                      "finish_reason": "length" if a["cut"] else "stop"} for r, a in zip(rows, answers[s, m])))
     return answers
@@ -332,7 +332,7 @@ def discriminator_scores(path, rows, answers, args):
     from discriminator import Discriminator  # here: evaluating without a discriminator needs none of it
     device, dtype = torch_setup(args)
     tok = load_tokenizer(path)
-    disc, eot = Discriminator.from_pretrained(path, dtype=dtype, device=device).eval(), end_of_turn_id(tok)
+    disc, eot = load_model(path, Discriminator, dtype=dtype, device=device).eval(), end_of_turn_id(tok)
     seqs = [torch.tensor(render_prompt(tok, r["messages"]) + tok.encode(a["answer"], add_special_tokens=False)
                          + ([] if a["cut"] else [eot])) for r, a in zip(rows, answers)]
     scores = []
@@ -376,19 +376,19 @@ def run_calls(client, args, calls, store, kind):
     def call(k):
         msgs, max_tokens, validate = calls[k]
         try:
-            r = pt.chat_with_retry(client, args.judge_model, msgs, temperature=args.judge_temperature,
+            r = chat_with_retry(client, args.judge_model, msgs, temperature=args.judge_temperature,
                                    max_tokens=max_tokens, retries=args.judge_retries, validate=validate)
-        except pt.RetryError as e:
+        except RetryError as e:
             return str(e)
         store.append({"key": k, "kind": kind, "judge": args.judge_model, **r})
 
-    errors = pt.run_pool(todo, call, concurrency=args.judge_workers, desc=kind, unit="call")
+    errors = run_pool(todo, call, concurrency=args.judge_workers, desc=kind, unit="call")
     return {k: store.records[k]["text"] for k in calls if k in store}, dict(zip(todo, errors))
 
 
 def judge(client, args, store, sets, answers):
     """Per (set, model): one record per prompt, {"id", "score", "order1": [s_model, s_ref], ...}."""
-    key = lambda msgs, max_tokens: pt.request_key(args.judge_model, msgs, {"temperature": args.judge_temperature,
+    key = lambda msgs, max_tokens: request_key(args.judge_model, msgs, {"temperature": args.judge_temperature,
                                                                            "max_tokens": max_tokens})
     # 1. the judge's own reference answer, once per prompt, shared by every model
     ref_key = {(s, r["id"]): key(r["messages"], args.judge_max_tokens) for s, rows in sets.items() for r in rows}
@@ -487,24 +487,6 @@ def markdown(results, models, sets, unit):
     return "Mean [95% bootstrap interval]\n\n" + "\n\n".join(parts) + "\n"
 
 
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
-
-
-def save_png(plt, fig, path):
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    pt.write_atomic(path, buf.getvalue())
-
-
 def interval(vals):
     """Means and error-bar half-widths of bootstrap records; NaN, drawn as nothing, where absent."""
     vals = [v if v and v["mean"] is not None else {"mean": np.nan, "lo": np.nan, "hi": np.nan} for v in vals]
@@ -548,50 +530,6 @@ def plot_checkpoints(plt, results, ckpts, others, sets, key, best, path, unit):
     save_png(plt, fig, path)
 
 
-# panel title -> train_gad.py metrics drawn in it
-TRAIN_PANELS = [("discriminator accuracy", ["d_acc"]), ("discriminator loss", ["d_loss"]),
-                ("rewards", ["r_teacher", "r_student"]), ("response length (tokens)", ["resp_len_mean", "resp_len_max"]),
-                ("KL to reference (k3)", ["kl"]), ("generator loss", ["sft_loss", "policy_loss"])]
-
-
-def plot_metrics(path, out):
-    """Training curves from train_gad.py's metrics.jsonl (whose torn last line, from a run killed
-    mid-write, is skipped); absent fields leave a panel out. False when matplotlib is missing."""
-    rows = []
-    for where, rec in read_jsonl(path, torn_ok=True):
-        if not isinstance(rec, dict):
-            raise DataError(f"--plot-metrics: {where}: a JSON object is expected")
-        rows.append(rec)
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    panels = [(t, [k for k in ks if any(num(r.get(k)) for r in rows)]) for t, ks in TRAIN_PANELS]
-    if not (panels := [(t, ks) for t, ks in panels if ks]):
-        raise DataError(f"--plot-metrics: {path}: none of {', '.join(k for _, ks in TRAIN_PANELS for k in ks)} found")
-    if (plt := pyplot()) is None:
-        print(f"note: matplotlib is not installed, {out} not written")
-        return False
-    step = lambda i, r: r["step"] if num(r.get("step")) else i
-    # where the stage changes (warmup -> gad), drawn in every panel
-    bounds = [(step(i, r), r["stage"]) for i, r in enumerate(rows)
-              if i > 0 and r.get("stage") is not None and r.get("stage") != rows[i - 1].get("stage")]
-    cols, nrows = min(3, len(panels)), math.ceil(len(panels) / 3)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, (title, ks) in zip(axes.flat, panels):
-        for k in ks:
-            ax.plot(*zip(*[(step(i, r), r[k]) for i, r in enumerate(rows) if num(r.get(k))]), label=k, lw=1)
-        for j, (x, stage) in enumerate(bounds):  # labels one under the other: stages can be a step apart
-            ax.axvline(x, color="gray", ls=":", lw=0.8)
-            ax.text(x, 0.98 - 0.07 * j, f" {stage}", fontsize=7, va="top", color="gray",
-                    transform=ax.get_xaxis_transform())
-        ax.set(title=title, xlabel="step")
-        if len(ks) > 1:
-            ax.legend(fontsize=7)
-    save_png(plt, fig, out)
-    print(f"wrote {out}")
-    return True
-
-
 # -----------------------------------------------------------------------------
 
 def select_checkpoint(results, ckpts, sets, key):
@@ -620,7 +558,7 @@ def evaluate(args):
         why = "exists and is not a directory" if os.path.isfile(args.out_dir) else f"cannot be created ({e.strerror})"
         raise DataError(f"--out-dir {args.out_dir}: {why}") from None
     if args.judge:  # now, not after an hour of generation: a missing key shows at once
-        client = pt.make_client(args.judge_base_url, args.judge_api_key_env, timeout=args.judge_timeout,
+        client = make_client(args.judge_base_url, args.judge_api_key_env, timeout=args.judge_timeout,
                                 max_retries=args.judge_retries, flag="--judge-api-key-env")
     tok_name, tok_path = next(((m, p) for m, (k, p) in models.items() if k == "checkpoint"), (None, None))
     if args.tokenizer:
@@ -641,7 +579,7 @@ def evaluate(args):
             for p, d in zip(per[s, m], discriminator_scores(args.discriminator, sets[s], ans, args)):
                 p["dscore"] = d
     if args.judge:
-        with closing(pt.JsonlStore(os.path.join(args.out_dir, "judge_cache.jsonl"))) as store:
+        with closing(JsonlStore(os.path.join(args.out_dir, "judge_cache.jsonl"))) as store:
             for k, recs in judge(client, args, store, sets, answers).items():
                 for p, j in zip(per[k], recs):
                     p["judge"] = j
@@ -657,8 +595,8 @@ def evaluate(args):
     if ckpts:
         out["selection"], best_line = select_checkpoint(results, ckpts, sets, args.select_by)
     md = markdown(results, list(models), sets, unit)
-    pt.write_atomic(os.path.join(args.out_dir, "results.json"), json.dumps(out, indent=1).encode())
-    pt.write_atomic(os.path.join(args.out_dir, "results.md"), (md + (f"\n{best_line}\n" if best_line else "")).encode())
+    write_atomic(os.path.join(args.out_dir, "results.json"), json.dumps(out, indent=1).encode())
+    write_atomic(os.path.join(args.out_dir, "results.md"), (md + (f"\n{best_line}\n" if best_line else "")).encode())
     written = ["results.json", "results.md"]
     if (plt := pyplot()) is None:
         print("note: matplotlib is not installed, no charts written")
@@ -761,10 +699,10 @@ def main(argv=None):
               "rerun the same command to continue", file=sys.stderr)
         return 130
     # a full disk, an unwritable file (OSError): what was written before stays whole
-    except (DataError, LoadError, pt.FatalAPIError, OSError) as e:
-        print(f"{PROG}: error: {pt.one_line(e)}", file=sys.stderr)
+    except (DataError, LoadError, FatalAPIError, OSError) as e:
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
     return 2
 
 
 if __name__ == "__main__":
-    pt.exit_now(main())  # not waiting for judge requests still in flight after an error or Ctrl-C
+    exit_now(main())  # not waiting for judge requests still in flight after an error or Ctrl-C

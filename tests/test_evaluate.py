@@ -318,7 +318,7 @@ def test_end_to_end_tiny_checkpoint(tiny_ckpt, tmp_path, monkeypatch):
     argv = ["--models", f"tiny={tiny_ckpt}", "teacher", "--test-sets", f"toy={test}", "--out-dir", str(out),
             "--max-new-tokens", "6", "--batch-size", "2", "--bootstrap", "100"]
     figs = []
-    monkeypatch.setattr(ev, "save_png", lambda plt, fig, path: (figs.append(fig), ev.pt.write_atomic(path, b"png")))
+    monkeypatch.setattr(ev, "save_png", lambda plt, fig, path: (figs.append(fig), ev.write_atomic(path, b"png")))
     assert ev.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     r = res["results"]["toy"]
@@ -379,12 +379,13 @@ def test_ctrl_c_keeps_generated_answers(tiny_ckpt, tmp_path, monkeypatch, capsys
 
 def test_discriminator_score(tiny_ckpt, tmp_path):
     import torch
-    from discriminator import Discriminator
-    from loading import end_of_turn_id, load_tokenizer, render_prompt
+    from data import render_prompt
+    from discriminator import Discriminator, save_discriminator
+    from loading import end_of_turn_id, load_model, load_tokenizer
     tok = load_tokenizer(tiny_ckpt)
     torch.manual_seed(0)
     dpath = str(tmp_path / "disc")
-    Discriminator.from_pretrained(tiny_ckpt).save_pretrained(dpath, tok)  # the student + a fresh head
+    save_discriminator(load_model(tiny_ckpt, Discriminator), dpath, tok)  # the student + a fresh head
     rows = [row(0, "Hi", "Hello!"), row(1, "Bye", "Goodbye, see you.")]
     test = write_jsonl(tmp_path / "set.jsonl", rows)
     out = tmp_path / "out"
@@ -393,7 +394,7 @@ def test_discriminator_score(tiny_ckpt, tmp_path):
     res = json.loads((out / "results.json").read_text())
     scores = [p["dscore"] for p in res["per_prompt"]["set"]["teacher"]]
     # the teacher's answer ends with the end-of-turn token, like a student answer that stopped
-    d = Discriminator.from_pretrained(dpath).eval()
+    d = load_model(dpath, Discriminator).eval()
     for r, s in zip(rows, scores):
         ids = render_prompt(tok, r["messages"]) + tok.encode(r["teacher"], add_special_tokens=False) + [end_of_turn_id(tok)]
         with torch.no_grad():
@@ -630,6 +631,7 @@ def test_full_disk_one_line_and_nothing_lost(tmp_path, monkeypatch, capsys):
 # -----------------------------------------------------------------------------
 # real data: public AlpacaEval answers on the Vicuna-80 and Self-Instruct-252 prompts
 
+@pytest.mark.slow
 def test_real_data_alpaca_eval(shared_data, tmp_path):
     """GPT-4o's answers scored against GPT-4-turbo's (the teacher) with judge-free metrics; alpaca-7b
     as a weak model. Needs no network and no model."""

@@ -1,5 +1,5 @@
 """model.py against transformers: logits parity on tiny random models and on SmolLM2-135M,
-round trips through save_pretrained, and clean errors for bad checkpoints."""
+round trips through save_model, and clean errors for bad checkpoints."""
 import json
 import os
 import subprocess
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from loading import LoadError, end_of_turn_id, load_tokenizer, render_prompt, stop_token_ids
-from model import Transformer
+from data import render_prompt
+from loading import LoadError, end_of_turn_id, load_model, load_tokenizer, save_model, stop_token_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,7 +58,7 @@ def ragged_batch(vocab, lens, seed=1):
 def test_logits_parity_tiny(kind, tmp_path):
     hf = tiny_hf(kind)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    ours = load_model(str(tmp_path)).eval()
     # lengths beyond the llama3 original context (32) exercise the scaled frequencies
     idx, mask = ragged_batch(TINY["vocab_size"], [50, 7, 33, 1])
     with torch.no_grad():
@@ -79,11 +79,11 @@ def test_logits_parity_tiny(kind, tmp_path):
 def test_round_trip(tmp_path):
     hf = tiny_hf("qwen2_bias_untied")
     hf.save_pretrained(tmp_path / "a")
-    ours = Transformer.from_pretrained(str(tmp_path / "a"))
-    ours.save_pretrained(tmp_path / "b", max_shard_bytes=40_000)  # force several shards + an index
+    ours = load_model(str(tmp_path / "a"))
+    save_model(ours, tmp_path / "b", max_shard_bytes=40_000)  # force several shards + an index
     assert (tmp_path / "b" / "model.safetensors.index.json").exists()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
-    again = Transformer.from_pretrained(str(tmp_path / "b"))
+    again = load_model(str(tmp_path / "b"))
     idx, mask = ragged_batch(TINY["vocab_size"], [20, 11])
     with torch.no_grad():
         a = hf(input_ids=idx, attention_mask=mask).logits[mask.bool()]
@@ -94,32 +94,32 @@ def test_round_trip(tmp_path):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(LoadError, match="no such file"):
-        Transformer.from_pretrained(str(tmp_path / "nope"))
+        load_model(str(tmp_path / "nope"))
     d = tmp_path / "ckpt"
     tiny_hf("llama_gqa_tied").save_pretrained(d)
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
     with pytest.raises(LoadError, match="unsupported model_type 'gpt_neox'") as e:
-        Transformer.from_pretrained(str(d))
+        load_model(str(d))
     assert "\n" not in str(e.value)
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LoadError, match="unsupported rope scaling type 'yarn'"):
-        Transformer.from_pretrained(str(d))
+        load_model(str(d))
     cfg["rope_scaling"] = None
     (d / "config.json").write_text(json.dumps(cfg))
     st = d / "model.safetensors"
     data = st.read_bytes()
     st.write_bytes(data[: len(data) // 2])
     with pytest.raises(LoadError, match="corrupt or truncated safetensors") as e:
-        Transformer.from_pretrained(str(d))
+        load_model(str(d))
     assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
 
 
 def test_bad_input_cli_is_one_line(tmp_path):
     # what a user sees from a script: one line on stderr, non-zero exit, no traceback
-    code = ("import sys; from model import Transformer; from loading import LoadError\n"
-            "try: Transformer.from_pretrained(sys.argv[1])\n"
+    code = ("import sys; from loading import LoadError, load_model\n"
+            "try: load_model(sys.argv[1])\n"
             "except LoadError as e: sys.exit(f'error: {e}')")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing")], capture_output=True, text=True,
@@ -129,11 +129,12 @@ def test_bad_input_cli_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_path):
-    ours = Transformer.from_pretrained(smollm2_path).eval()
+    ours = load_model(smollm2_path).eval()
     tok = load_tokenizer(smollm2_path)
     return ours, tok
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_matches_transformers(smollm2_path, smol):
     ours, tok = smol
     d, f = os.path.split(smollm2_path)
@@ -151,7 +152,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_path, smol):
 
 def test_smollm2_save_load(smol, tmp_path):
     ours, tok = smol
-    ours.save_pretrained(tmp_path, tokenizer=tok)
+    save_model(ours, tmp_path, tokenizer=tok)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tok2 = load_tokenizer(str(tmp_path))
     ids = render_prompt(tok2, [{"role": "user", "content": "Hello there"}])
@@ -169,15 +170,15 @@ def test_saved_files(tmp_path):
     hf = tiny_hf("llama_gqa_tied")
     hf.generation_config.eos_token_id = [2, 5, 7]
     hf.save_pretrained(tmp_path / "a")
-    ours = Transformer.from_pretrained(str(tmp_path / "a"))
-    ours.save_pretrained(tmp_path / "b", max_shard_bytes=40_000)
+    ours = load_model(str(tmp_path / "a"))
+    save_model(ours, tmp_path / "b", max_shard_bytes=40_000)
     files = sorted(os.listdir(tmp_path / "b"))
     shards = [f for f in files if f.endswith(".safetensors")]
     n = len(shards)
     assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(ours.state_dict()) - {"lm_head.weight"}
-    ours.save_pretrained(tmp_path / "b")
+    save_model(ours, tmp_path / "b")
     assert sorted(os.listdir(tmp_path / "b")) == ["config.json", "generation_config.json", "model.safetensors"]
     with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(ours.state_dict()) - {"lm_head.weight"}
@@ -210,5 +211,5 @@ def test_stop_token_ids_read_the_generation_config(tmp_path):
     hf = tiny_hf("llama_gqa_tied")
     hf.generation_config.eos_token_id = [eot, 14]
     hf.save_pretrained(tmp_path / "src")
-    Transformer.from_pretrained(str(tmp_path / "src")).save_pretrained(tmp_path / "out", tokenizer=tok)
+    save_model(load_model(str(tmp_path / "src")), tmp_path / "out", tokenizer=tok)
     assert stop_token_ids(load_tokenizer(str(tmp_path / "out"))) == [eot, 14]

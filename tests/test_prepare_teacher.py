@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
+import api
 import prepare_teacher as pt
-from data import DataError, read_rows
+from importers import import_file
+import data
+from data import DataError, JsonlStore, read_rows
 from fake_openai import FakeOpenAI, answer_for, fast_sdk_retries, seeded_faults
 from flags import key_env_problem
 
@@ -81,13 +84,13 @@ def api_key(monkeypatch):
 
 def test_store_repairs_torn_line_and_refuses_duplicates(tmp_path, capsys):
     path = tmp_path / "o.jsonl"
-    store = pt.JsonlStore(str(path))
+    store = JsonlStore(str(path))
     assert store.append({"key": "a", "v": 1}) and store.append({"key": "b", "v": "\u2028 odd separator"})
     assert not store.append({"key": "a", "v": 2})
     store.close()
     with open(path, "ab") as f:
         f.write(b'{"key": "c", "v"')  # what a kill -9 in the middle of a write leaves
-    store = pt.JsonlStore(str(path))
+    store = JsonlStore(str(path))
     assert "repaired a torn last line" in capsys.readouterr().err
     assert set(store.records) == {"a", "b"} and "a" in store and len(store.records) == 2
     store.append({"key": "c", "v": 3})
@@ -95,13 +98,13 @@ def test_store_repairs_torn_line_and_refuses_duplicates(tmp_path, capsys):
     assert [r["key"] for r in lines(path)] == ["a", "b", "c"]
     with open(path, "ab") as f:
         f.write(b'{"key": "d", "v": 4}')  # whole, but for its newline: kept
-    store = pt.JsonlStore(str(path))
+    store = JsonlStore(str(path))
     store.append({"key": "e"})
     store.close()
     assert [r["key"] for r in lines(path)] == ["a", "b", "c", "d", "e"]
     with open(path, "ab") as f:
         f.write('{"key": "f", "v": "\u65e5'.encode()[:-1])  # a kill inside a multi-byte character: torn too
-    store = pt.JsonlStore(str(path))
+    store = JsonlStore(str(path))
     assert "repaired a torn last line" in capsys.readouterr().err and "f" not in store
     store.close()
     assert [r["key"] for r in lines(path)] == ["a", "b", "c", "d", "e"]
@@ -111,16 +114,16 @@ def test_store_bad_line_and_second_writer(tmp_path):
     path = tmp_path / "o.jsonl"
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(DataError, match=r"o\.jsonl:2: not valid JSON"):
-        pt.JsonlStore(str(path))
+        JsonlStore(str(path))
     path.write_text('{"key": "a"}\n')
-    store = pt.JsonlStore(str(path))
+    store = JsonlStore(str(path))
     with pytest.raises(DataError, match="in use by another running process"):
-        pt.JsonlStore(str(path))
+        JsonlStore(str(path))
     store.close()
 
 
 @pytest.mark.parametrize("content", [
-    b'{"id":"a","prompt":"hi"}\n{"id":"b","prompt":"yo"}',   # the prompt file of issue 13
+    b'{"id":"a","prompt":"hi"}\n{"id":"b","prompt":"yo"}',   # a prompt file whose last line lacks its newline
     b'{"key": "a"}\n{"id": "b"}\n{"key": "c", "v',            # one line of ours is not enough
     b'{"id": "x", "messages": [{"role": "us',                 # a torn line and nothing else
     b'[{"key": "a"}]\n{"key": "b"',                           # a JSON array is not a record
@@ -130,16 +133,16 @@ def test_store_never_touches_a_file_not_its_own(tmp_path, content):
     path = tmp_path / "f.jsonl"
     path.write_bytes(content)
     with pytest.raises(DataError, match=r"f\.jsonl"):
-        pt.JsonlStore(str(path))
+        JsonlStore(str(path))
     assert path.read_bytes() == content
 
 
 def test_request_key_is_stable():
     msgs = [{"role": "user", "content": "hi"}]
-    k = pt.request_key("m", msgs, {"temperature": 0.8, "max_tokens": 10})
-    assert k == pt.request_key("m", [dict(m) for m in msgs], {"max_tokens": 10, "temperature": 0.8})
-    assert k != pt.request_key("m", msgs, {"temperature": 0.7, "max_tokens": 10})
-    assert k != pt.request_key("m2", msgs, {"temperature": 0.8, "max_tokens": 10})
+    k = api.request_key("m", msgs, {"temperature": 0.8, "max_tokens": 10})
+    assert k == api.request_key("m", [dict(m) for m in msgs], {"max_tokens": 10, "temperature": 0.8})
+    assert k != api.request_key("m", msgs, {"temperature": 0.7, "max_tokens": 10})
+    assert k != api.request_key("m2", msgs, {"temperature": 0.8, "max_tokens": 10})
     assert len(k) >= 16 and int(k, 16) >= 0
 
 
@@ -152,37 +155,37 @@ def test_chat_with_retry_each_fault():
         kind = prompt.split(":")[1]
         return kind if prompt.startswith("always") or attempt == 1 else None
     with FakeOpenAI(faults=faults, slow_s=1.5, retry_after="1") as srv:
-        client = pt.make_client(srv.url, timeout=1.0)  # roomy: a busy 2-core machine must not time out by itself
+        client = api.make_client(srv.url, timeout=1.0)  # roomy: a busy 2-core machine must not time out by itself
         seen = lambda p: sum(prompt == p for _, prompt, _ in srv.log)  # noqa: E731
         for kind in ALL_FAULTS + ["html"]:
             if kind == "429":
                 continue  # checked below, with its Retry-After
-            res = pt.chat_with_retry(client, "fake", msgs(f"once:{kind}"), retries=2)
+            res = api.chat_with_retry(client, "fake", msgs(f"once:{kind}"), retries=2)
             assert res["attempts"] == 2 == seen(f"once:{kind}") and res["text"] == answer_for("fake", msgs(f"once:{kind}")), kind
         reasons = {"slow": "timeout", "drop": "connection", "malformed": "malformed", "nochoices": "malformed",
                    "empty": "empty", "html": "malformed", "500": "http_500", "503": "http_503"}
         for kind, reason in reasons.items():
-            with pytest.raises(pt.RetryError) as e:
-                pt.chat_with_retry(client, "fake", msgs(f"always:{kind}"), retries=1)
+            with pytest.raises(api.RetryError) as e:
+                api.chat_with_retry(client, "fake", msgs(f"always:{kind}"), retries=1)
             assert e.value.reason == reason and e.value.attempts == 2 == seen(f"always:{kind}"), kind
         # Retry-After: 1 is honoured by the SDK although its backoff is a millisecond here
         t = time.time()
-        res = pt.chat_with_retry(client, "fake", msgs("once:429"), retries=1)
+        res = api.chat_with_retry(client, "fake", msgs("once:429"), retries=1)
         assert time.time() - t >= 0.9 and res["attempts"] == 2 == seen("once:429")
         srv.retry_after = "600"  # longer than the SDK waits: failed at once, a rerun asks again
-        with pytest.raises(pt.RetryError) as e:
-            pt.chat_with_retry(client, "fake", msgs("always:429"), retries=3)
+        with pytest.raises(api.RetryError) as e:
+            api.chat_with_retry(client, "fake", msgs("always:429"), retries=3)
         assert e.value.reason == "http_429" and e.value.attempts == 1 == seen("always:429")
-        with pytest.raises(pt.RetryError) as e:
-            pt.chat_with_retry(client, "fake", msgs("ok:none"), retries=2, validate=lambda t: t.startswith("{"))
+        with pytest.raises(api.RetryError) as e:
+            api.chat_with_retry(client, "fake", msgs("ok:none"), retries=2, validate=lambda t: t.startswith("{"))
         assert e.value.reason == "invalid" and e.value.attempts == 3 == seen("ok:none")
         assert e.value.usage["completion_tokens"] > 0  # three answers were billed
-        with pytest.raises(pt.RetryError) as e:  # the prompt is the problem: no retry, the run goes on
-            pt.chat_with_retry(client, "fake", msgs("always:400_context"), retries=3)
+        with pytest.raises(api.RetryError) as e:  # the prompt is the problem: no retry, the run goes on
+            api.chat_with_retry(client, "fake", msgs("always:400_context"), retries=3)
         assert e.value.reason == "too_long" and e.value.attempts == 1
         n = len(srv.log)
-        with pytest.raises(pt.FatalAPIError, match="model_not_found"):
-            pt.chat_with_retry(client, "fake", msgs("always:400_model"), retries=3)
+        with pytest.raises(api.FatalAPIError, match="model_not_found"):
+            api.chat_with_retry(client, "fake", msgs("always:400_model"), retries=3)
         assert len(srv.log) == n + 1
 
 
@@ -290,6 +293,7 @@ def done_lines(path):
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_kill9_mid_run_then_resume_equals_uninterrupted(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 60)
     env = {**os.environ, "OPENAI_API_KEY": "sk-test-key"}
@@ -369,8 +373,8 @@ def test_api_key_never_written_or_printed(tmp_path, capsys):
             pt.main(["--prompts", prompts, "--out", str(tmp_path / "o3.jsonl"), "--model", "m", "--api-key-env", key])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "--api-key-env" in err and "NAME of an environment variable" in err
-        with pytest.raises(pt.FatalAPIError) as e:
-            pt.make_client(api_key_env=key)
+        with pytest.raises(api.FatalAPIError) as e:
+            api.make_client(api_key_env=key)
         printed += [err, str(e.value)]
         assert key[4:20] not in err + str(e.value)
     for name in ("OPENAI_API_KEY", "MY_TEACHER_KEY_2", "together_api_key", "AZURE_OPENAI_API_KEY_2024"):
@@ -419,7 +423,8 @@ def test_batch_api_submit_resume_and_merge(tmp_path, capsys):
 # bad input, faults and failures: one line, a non-zero status, nothing lost
 
 def test_input_file_is_never_written_cli(tmp_path):
-    """Issue 13's command, verbatim: it used to cut prompt "b" from the input."""
+    """An output that is the input is refused before anything is read or written (a torn-line repair of
+    the output would cut prompt "b" from the input)."""
     content = b'{"id":"a","prompt":"hi"}\n{"id":"b","prompt":"yo"}'
     (tmp_path / "p.jsonl").write_bytes(content)
     res = run_cli(["--prompts", "p.jsonl", "--out", "p.jsonl", "--model", "m"], {**os.environ, "OPENAI_API_KEY": "sk-x"},
@@ -518,7 +523,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     for content, message in cases:
         p.write_bytes(content)
         with pytest.raises(DataError, match=message.replace(".", r"\.").replace("'", "'")):
-            pt.import_file(str(p))
+            import_file(str(p))
         code, _, err = run_main(capsys, ["--prompts", str(p), "--out", o, "--model", "m"])
         assert code == 1 and one_error_line(err, message)
     j = tmp_path / "p.json"
@@ -608,42 +613,42 @@ def test_import_paper_parquet(tmp_path):
     assert read_rows(str(out))[0]["teacher"]
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable parquet file"):
-        pt.import_file(str(tmp_path / "bad.parquet"))
+        import_file(str(tmp_path / "bad.parquet"))
 
 
 def test_import_public_formats(shared_data, tmp_path, capsys):
     d = shared_data
-    alpaca = pt.import_file(str(d / "alpaca_eval/gpt-4o-2024-05-13__model_outputs.json"))
+    alpaca = import_file(str(d / "alpaca_eval/gpt-4o-2024-05-13__model_outputs.json"))
     raw = json.loads((d / "alpaca_eval/gpt-4o-2024-05-13__model_outputs.json").read_text())
     assert len(alpaca) == 805 and alpaca[7]["teacher"] == raw[7]["output"]
     assert alpaca[7]["messages"] == [{"role": "user", "content": raw[7]["instruction"]}]
     assert Counter(r["dataset"] for r in alpaca)["selfinstruct"] == 252 and alpaca[0]["model"] == "gpt-4o-2024-05-13"
 
-    arena = pt.import_file(str(d / "arena_hard_v0.1/question.jsonl"), answers=str(d / "arena_hard_v0.1/model_answer__gpt-4-0314.jsonl"))
-    alone = {r["id"]: r for r in pt.import_file(str(d / "arena_hard_v0.1/model_answer__gpt-4-0314.jsonl"))}
+    arena = import_file(str(d / "arena_hard_v0.1/question.jsonl"), answers=str(d / "arena_hard_v0.1/model_answer__gpt-4-0314.jsonl"))
+    alone = {r["id"]: r for r in import_file(str(d / "arena_hard_v0.1/model_answer__gpt-4-0314.jsonl"))}
     assert len(arena) == 500 and all(r["teacher"] == alone[r["id"]]["teacher"] for r in arena)
     assert all(r["messages"] == alone[r["id"]]["messages"] for r in arena) and alone[arena[0]["id"]]["model"] == "gpt-4-0314"
 
-    dolly = pt.import_file(str(d / "minillm_eval/dolly_valid.jsonl"))
+    dolly = import_file(str(d / "minillm_eval/dolly_valid.jsonl"))
     first = json.loads((d / "minillm_eval/dolly_valid.jsonl").open().readline())
     assert len(dolly) == 500 and dolly[0]["teacher"] == first["output"] and dolly[0]["topic"] == first["topic"]
     assert dolly[0]["messages"][0]["content"] == first["instruction"] + "\n\n" + first["input"]
-    sinst = pt.import_file(str(d / "minillm_eval/sinst_11__valid.jsonl"))
+    sinst = import_file(str(d / "minillm_eval/sinst_11__valid.jsonl"))
     assert len(sinst) == 1694 and all(isinstance(r["teacher"], str) for r in sinst)
-    assert len(pt.import_file(str(d / "minillm_eval/vicuna_valid.jsonl"))) == 80
-    selfinst = pt.import_file(str(d / "self_instruct/user_oriented_instructions.jsonl"))
+    assert len(import_file(str(d / "minillm_eval/vicuna_valid.jsonl"))) == 80
+    selfinst = import_file(str(d / "self_instruct/user_oriented_instructions.jsonl"))
     assert len(selfinst) == 252 and selfinst[0]["id"] == "user_oriented_task_0"
     assert selfinst[0]["messages"][0]["content"] == raw[[r["dataset"] for r in raw].index("selfinstruct")]["instruction"]
 
-    mt = pt.import_file(str(d / "fastchat/mt_bench__question.jsonl"))
+    mt = import_file(str(d / "fastchat/mt_bench__question.jsonl"))
     assert len(mt) == 80 and not any("teacher" in r for r in mt) and mt[0]["id"] == "81"
-    mt_ref = pt.import_file(str(d / "fastchat/mt_bench__question.jsonl"), answers=str(d / "fastchat/mt_bench__reference_answer__gpt-4.jsonl"))
+    mt_ref = import_file(str(d / "fastchat/mt_bench__question.jsonl"), answers=str(d / "fastchat/mt_bench__reference_answer__gpt-4.jsonl"))
     two = [r for r in mt_ref if r["id"] == "101-turn2"][0]
     assert len(mt_ref) == 80 + 30 and [m["role"] for m in two["messages"]] == ["user", "assistant", "user"]
-    vicuna = pt.import_file(str(d / "fastchat/vicuna80_original/question.jsonl"),
+    vicuna = import_file(str(d / "fastchat/vicuna80_original/question.jsonl"),
                             answers=str(d / "fastchat/vicuna80_original/answer_gpt35.jsonl"))
     assert len(vicuna) == 80 and all(r.get("teacher") for r in vicuna)
-    assert len(pt.import_file(str(d / "fastchat/vicuna_bench__question.jsonl"))) == 80
+    assert len(import_file(str(d / "fastchat/vicuna_bench__question.jsonl"))) == 80
 
     out = tmp_path / "alpaca.jsonl"
     code, report, _ = run_main(capsys, ["--import-only", "--prompts", str(d / "alpaca_eval/gpt-4o-2024-05-13__model_outputs.json"),
@@ -656,19 +661,14 @@ def test_import_public_formats(shared_data, tmp_path, capsys):
 # --backend local
 
 def fake_model_modules(calls):
-    """Stand-ins for model.py and loading.py with their API: the 'model' answers each prompt's characters
-    reversed."""
-    mod, loading = types.ModuleType("model"), types.ModuleType("loading")
+    """Stand-ins for generate.py and loading.py with their API: the 'model' answers each prompt's
+    characters reversed; and for data.render_prompt, a prompt's characters as its ids."""
+    gen, loading = types.ModuleType("generate"), types.ModuleType("loading")
 
     class Tok:
         def decode(self, ids, skip_special_tokens=False):
             assert skip_special_tokens and 0 not in ids
             return "".join(map(chr, ids))
-
-    class Transformer:
-        @staticmethod
-        def from_pretrained(path, dtype=None, device=None):
-            return "weights of " + path
 
     def generate(model, prompts, n=1, max_new_tokens=16, temperature=1.0, top_p=1.0, stop_ids=None, seed=None):
         calls.append((len(prompts), max_new_tokens, temperature))
@@ -678,18 +678,19 @@ def fake_model_modules(calls):
             stopped = len(toks) < max_new_tokens
             outs.append(types.SimpleNamespace(tokens=toks + [0] if stopped else toks[:max_new_tokens], stopped=stopped, logprobs=None))
         return outs
-    mod.Transformer, mod.generate = Transformer, generate
+    gen.generate = generate
+    loading.load_model = lambda path, dtype=None, device=None: "weights of " + path
     loading.load_tokenizer = lambda path: Tok()
-    loading.render_prompt = lambda tok, messages: [ord(c) for m in messages for c in m["content"]]
     loading.stop_token_ids = lambda tok, checkpoint=None: [0]
-    return mod, loading
+    return gen, loading, lambda tok, messages: [ord(c) for m in messages for c in m["content"]]
 
 
 def test_local_backend_batches_and_resumes(tmp_path, monkeypatch):
     calls = []
-    mod, loading = fake_model_modules(calls)
-    monkeypatch.setitem(sys.modules, "model", mod)
+    gen, loading, render = fake_model_modules(calls)
+    monkeypatch.setitem(sys.modules, "generate", gen)
     monkeypatch.setitem(sys.modules, "loading", loading)
+    monkeypatch.setattr(data, "render_prompt", render)
     p = tmp_path / "p.jsonl"
     p.write_text("".join(json.dumps({"id": str(i), "prompt": "ab" * (i + 1)}) + "\n" for i in range(10)))
     out = tmp_path / "o.jsonl"

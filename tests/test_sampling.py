@@ -5,8 +5,11 @@ import os
 import pytest
 import torch
 
-from loading import load_tokenizer, render_prompt, stop_token_ids
-from model import Transformer, generate, token_logprobs
+from bench import hf_generate
+from data import render_prompt
+from generate import generate
+from loading import load_model, load_tokenizer, stop_token_ids
+from model import token_logprobs
 from test_model import tiny_hf
 
 transformers = pytest.importorskip("transformers")
@@ -17,7 +20,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     hf = tiny_hf("llama_gqa_tied", seed=3)
     hf.save_pretrained(d)
-    return hf, Transformer.from_pretrained(str(d)).eval()
+    return hf, load_model(str(d)).eval()
 
 
 def prompts_of(lens, vocab, seed=0):
@@ -26,10 +29,7 @@ def prompts_of(lens, vocab, seed=0):
 
 
 def hf_greedy(hf, prompt, max_new, stop):
-    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=max_new, do_sample=False, eos_token_id=list(stop) or None,
-                      pad_token_id=0, min_new_tokens=0)
-    return out[0, len(prompt):].tolist()
+    return hf_generate(hf, [prompt], 1, max_new, 0, list(stop), pad_id=0, forced=False)[0]
 
 
 def test_greedy_matches_transformers_tiny(tiny):
@@ -186,6 +186,7 @@ def saved_bytes(fn):
     return sum(seen.values()), out
 
 
+@pytest.mark.slow
 def test_token_logprobs_memory_at_large_vocab():
     from model import chunked_logprobs
     V, C, T = 152_064, 64, 2048  # Qwen2.5 vocab, a few thousand tokens
@@ -202,7 +203,7 @@ def test_token_logprobs_memory_at_large_vocab():
 
 @pytest.mark.slow
 def test_greedy_matches_transformers_smollm2(smollm2_path):
-    ours = Transformer.from_pretrained(smollm2_path).eval()
+    ours = load_model(smollm2_path).eval()
     tok = load_tokenizer(smollm2_path)
     d, f = os.path.split(smollm2_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
@@ -217,7 +218,7 @@ def test_greedy_matches_transformers_smollm2(smollm2_path):
 
 
 def test_sampler_distribution_and_batch_invariance(tiny):
-    from model import next_token
+    from generate import next_token
     # the inverse-CDF draws follow softmax(logits / T), with top-p truncation
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
     keys = torch.arange(20000)
@@ -244,7 +245,7 @@ def test_sampler_distribution_and_batch_invariance(tiny):
 def test_sample_streams_never_collide(tiny):
     # The trainer gives consecutive prompts consecutive seeds. Keys derived as hash32(seed * 31 + j)
     # gave seed s's sample j + 31 the stream of seed s + 1's sample j: identical answers for n >= 32.
-    from model import M32, hash32, sample_keys
+    from generate import M32, hash32, sample_keys
     seeds = list(range(1000, 1064))
     old = hash32((torch.tensor(seeds)[:, None] * 31 + torch.arange(64)) & M32)
     assert len(set(old.flatten().tolist())) < 4096  # what the test would catch
@@ -380,7 +381,7 @@ def test_flash_attention_cuda(tiny):
 def test_two_level_cdf_inversion():
     # invert_cdf (block sums, then one block) picks what a search of the whole float64 CDF picks, and
     # never a token of probability 0, whether or not the vocabulary is a multiple of the block
-    from model import CDF_BLOCK, invert_cdf
+    from generate import CDF_BLOCK, invert_cdf
     g = torch.Generator().manual_seed(0)
     for V in (CDF_BLOCK * 7, CDF_BLOCK * 7 + 5):
         p = torch.rand(64, V, generator=g) ** 8
@@ -404,8 +405,8 @@ def test_two_level_cdf_inversion():
 
 def test_diverged_logits_give_nan_logprobs_not_an_index_error():
     # a model whose weights blew up gives NaN logits: the sampler still returns in-range ids, with NaN
-    # log-probs that the training loop's non-finite checks catch (CI once crashed here instead)
-    from model import next_token, sample_keys
+    # log-probs that the training loop's non-finite checks catch, not an index error
+    from generate import next_token, sample_keys
     for V, top_p in ((1000, 1.0), (1000, 0.9), (1024, 1.0)):
         logits = torch.full((3, V), float("nan"))
         logits[1, 5] = float("inf")
@@ -432,7 +433,8 @@ def test_packed_weights_keep_the_samples(tiny, monkeypatch, dtype):
                                                      and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         pytest.skip("no oneDNN path for this dtype on this CPU")
     assert all(used) and all(lin.packed is None for lin in m.modules() if isinstance(lin, model.Linear))
-    monkeypatch.setattr(model, "packed_weights", lambda *a: contextlib.nullcontext())
+    import generate as gen
+    monkeypatch.setattr(gen, "packed_weights", lambda *a: contextlib.nullcontext())
     plain = generate(m, prompts, n=2, max_new_tokens=12, temperature=1.0, seed=3)
     assert [s.tokens for s in packed] == [s.tokens for s in plain]
     tol = 1e-5 if dtype == torch.float32 else 1e-3  # (bf16: the same oneDNN kernel; bitwise equal here)

@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import toy
-from data import DataError, read_rows
-from discriminator import Discriminator, d_accuracy, pad_id_for_scoring, pair_loss
-from loading import end_of_turn_id, load_tokenizer, render_prompt, stop_token_ids
-from model import Transformer, token_logprobs
+from data import DataError, read_rows, render_prompt, student_response, tokenize_rows
+from discriminator import Discriminator, d_accuracy, pad_id_for_scoring, pair_loss, save_discriminator
 from distributed import micro_batches
-from train_gad import group_advantages, k3_kl, ppo_loss, student_response, tokenize_rows
+from loading import LoadError, end_of_turn_id, load_model, load_tokenizer, stop_token_ids
+from model import token_logprobs
+import train_gad
+from train_gad import group_advantages, k3_kl, ppo_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +70,7 @@ def assert_same_metrics(a_run, b_run, rel=1e-6, abs_=1e-9, steps=None):
         for k in a:
             if isinstance(a[k], str):
                 assert a[k] == b[k], (a["step"], k)
-            elif not k.startswith(("t_", "tok_per_s")):
+            elif not k.startswith(("t_", "tok_per_s", "peak_mem")):  # measurements, not results
                 assert a[k] == pytest.approx(b[k], rel=rel, abs=abs_), (a["step"], k)
 
 
@@ -160,7 +161,7 @@ def test_bt_gradient_over_micro_batches_equals_the_pairwise_loss(world):
     """The loop's claim: with each prompt's teacher answer and its n samples in one micro-batch,
     the summed gradient over micro-batches is the gradient of the plain mean pairwise loss."""
     torch.manual_seed(0)
-    D = Discriminator.from_pretrained(world["student"])
+    D = load_model(world["student"], Discriminator)
     n = 3
     groups = [[[2, 4, 7 + i] + [5 + (i + j) % 9] * (1 + (i * j) % 4) for j in range(n + 1)] for i in range(5)]
     pairs = len(groups) * n
@@ -180,7 +181,7 @@ def test_one_d_update_widens_the_margin_of_its_pairs(world):
     """A defect check for D's update: after one AdamW step on a batch of pairs, those pairs' margins
     D(teacher) - D(sample) are larger and their BT loss smaller (the sign and the wiring are right)."""
     torch.manual_seed(0)
-    D = Discriminator.from_pretrained(world["student"])
+    D = load_model(world["student"], Discriminator)
     opt = torch.optim.AdamW(D.parameters(), lr=1e-3)
     n = 4
     groups = [[[2, 4, 7 + i, 5, 19, 19, 19]] + [[2, 4, 7 + i, 5, 8 + (i + j) % 5, 9, 10] for j in range(n)]
@@ -230,11 +231,11 @@ def test_eos_symmetry(world, tmp_path):
 
 def test_discriminator_hf_checkpoint(world, tmp_path):
     transformers = pytest.importorskip("transformers")
-    D = Discriminator.from_pretrained(world["student"]).eval()
+    D = load_model(world["student"], Discriminator).eval()
     assert D.lm_head is None and D.score.weight.std().item() == pytest.approx(0.02, rel=0.5)
     tok = load_tokenizer(world["student"])
     pad = pad_id_for_scoring(tok, stop_token_ids(tok))
-    D.save_pretrained(tmp_path / "d", tokenizer=tok, pad_token_id=pad)
+    save_discriminator(D, tmp_path / "d", tokenizer=tok, pad_token_id=pad)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "d").eval()
     assert type(hf).__name__ == "LlamaForSequenceClassification"
     eot = end_of_turn_id(tok)
@@ -246,13 +247,13 @@ def test_discriminator_hf_checkpoint(world, tmp_path):
     with torch.no_grad():
         ours, ref = D(idx, lens), hf(input_ids=idx).logits[:, 0]
     assert torch.allclose(ours, ref, atol=1e-5)
-    D2 = Discriminator.from_pretrained(str(tmp_path / "d"))
+    D2 = load_model(str(tmp_path / "d"), Discriminator)
     assert torch.equal(D2.score.weight, D.score.weight)
     # a BCE head's bias is left out of the HF export: a constant shift, which the export says
     with torch.no_grad():
         D.add_head_bias().score.bias.fill_(0.5)
         shifted = D(idx, lens)
-    D.save_pretrained(tmp_path / "bce", tokenizer=tok, pad_token_id=pad)
+    save_discriminator(D, tmp_path / "bce", tokenizer=tok, pad_token_id=pad)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bce").eval()
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=idx).logits[:, 0], shifted - 0.5, atol=1e-5)
@@ -300,12 +301,13 @@ def test_fsdp_generate_unshards_once(world, tmp_path):
     script.write_text(f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {ROOT!r})
-from model import Transformer, generate
+from generate import generate
+from loading import load_model
 from distributed import shard
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-plain = Transformer.from_pretrained({world['student']!r}).eval()
-sharded = shard(Transformer.from_pretrained({world['student']!r}), torch.device("cpu"), False, False)
+plain = load_model({world['student']!r}).eval()
+sharded = shard(load_model({world['student']!r}), torch.device("cpu"), False, False)
 prompts = [[2, 4, 9, 11, 3, 2, 5], [2, 4, 12, 3, 2, 5], [2, 4, 13, 14, 15, 16, 3, 2, 5]][rank:]  # ranks differ
 gathers = []
 orig = dist.all_gather_single  # FSDP2's weight all-gather, through the public c10d API
@@ -471,7 +473,7 @@ def test_nan_is_skipped_then_stops_with_last_checkpoint(world, tmp_path):
     assert ckpts and not any(d.endswith(".tmp") for d in ckpts)
     last = msg[0].split("Last good checkpoint: ")[1].strip()
     assert os.path.exists(os.path.join(last, "resume", "state.json"))
-    Transformer.from_pretrained(os.path.join(last, "generator"))  # still loads
+    load_model(os.path.join(last, "generator"))  # still loads
 
 
 @pytest.mark.slow
@@ -488,7 +490,7 @@ def test_gad_stage_alone_teaches(world, tmp_path):
     print(f"'yes' rate of greedy answers: {rate_b:.2f} -> {rate_a:.2f}")
     assert rate_a > rate_b + 0.3
     # mean reward of the student's answers, before and after, both under the final D
-    D = Discriminator.from_pretrained(str(out / "ckpt-000040" / "discriminator")).eval()
+    D = load_model(str(out / "ckpt-000040" / "discriminator"), Discriminator).eval()
 
     def mean_score(rows):
         seqs = [x["prompt_ids"] + x["response_ids"] for x in rows]
@@ -518,7 +520,7 @@ def test_seqkd_lowers_heldout_nll(world, tmp_path):
     rows, _ = tokenize_rows(read_rows(world["test"]), tok, end_of_turn_id(tok), 100, 12)
 
     def nll(path):
-        model = Transformer.from_pretrained(path).eval()
+        model = load_model(path).eval()
         tot, cnt = 0.0, 0
         for r in rows:
             ids = torch.tensor([r["prompt"] + r["teacher_ids"]])
@@ -573,6 +575,7 @@ def test_ablation_flags_under_two_processes(world, tmp_path, flags):
         assert "D.score.bias" in keys
 
 
+@pytest.mark.slow
 def test_d_head_lr_is_the_score_heads_own(world, tmp_path):
     # D's body at a rate of 1e-20: after one D-only step it is still the student's, and the head moved by
     # about --d-head-lr (Adam's first step is ~lr per weight): 1e-2 against 1e-20 from the same start
@@ -597,40 +600,64 @@ def test_ppo_minibatches_make_the_clip_work(world, tmp_path):
     assert all(m["clip_frac"] > 0 for m in ms), [m["clip_frac"] for m in ms]
 
 
-def test_bad_flags_and_data(world, tmp_path):
-    r = run(base_args(world, train_data=tmp_path / "missing.jsonl"), tmp_path / "o", check=False)
-    assert r.returncode != 0 and "missing.jsonl: no such file" in r.stderr.strip().splitlines()[-1]
-    r = run(base_args(world, eval_data=tmp_path / "missing.jsonl"), tmp_path / "o", check=False)
-    assert r.returncode != 0 and "missing.jsonl: no such file" in r.stderr.strip().splitlines()[-1]
-    r = run(base_args(world, prompts_per_step=3), tmp_path / "o", nproc=2, check=False)
-    assert r.returncode != 0 and "--prompts-per-step 3 must be divisible by the 2 processes" in r.stderr
-    r = run(base_args(world, student=tmp_path / "nope"), tmp_path / "o", check=False)
-    assert r.returncode != 0 and "nope: no such file" in r.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "o").exists()  # nothing was written for a bad input
+def test_bad_flags_and_data(world, tmp_path, monkeypatch, capsys):
+    """Bad flags stop at parse time (argparse, exit 2), bad inputs in load_inputs, before the process group
+    starts or anything is written; each is one line naming the flag, file or line. In this process."""
+    def inputs(**kw):
+        return train_gad.load_inputs(train_gad.parse_args(base_args(world, **kw) + ["--out-dir", str(tmp_path / "o")]), 1)
+
+    for kw, error, says in ((dict(train_data=tmp_path / "missing.jsonl"), DataError, "missing.jsonl: no such file"),
+                            (dict(eval_data=tmp_path / "missing.jsonl"), DataError, "missing.jsonl: no such file"),
+                            (dict(student=tmp_path / "nope"), LoadError, "nope: no such file")):
+        with pytest.raises(error, match=says):
+            inputs(**kw)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"id": "a", "messages": [{"role": "user", "content": "hi"}], "teacher": "\xff"}\n')
-    r = run(base_args(world, train_data=bad), tmp_path / "o", check=False)
-    assert r.returncode != 0 and "bad.jsonl:1: not UTF-8" in r.stderr.strip().splitlines()[-1]
+    with pytest.raises(DataError, match="bad.jsonl:1: not UTF-8"):
+        inputs(train_data=bad)
     bad.write_text(json.dumps({"id": "a", "messages": [{"role": "robot", "content": "hi"}], "teacher": "x"}) + "\n")
-    r = run(base_args(world, train_data=bad), tmp_path / "o", check=False)
-    assert r.returncode != 0 and "bad.jsonl:1: message 1 needs a role" in r.stderr.strip().splitlines()[-1]
-    for flag, value in (("--prompts-per-step", "0"), ("--max-new-tokens", "-5"), ("--n-samples", "0"),
-                        ("--temperature", "0"), ("--lr", "-1e-6"), ("--d-lr", "nan"), ("--top-p", "1.5"),
-                        ("--token-budget", "many")):
-        r = run(base_args(world) + [flag, value], tmp_path / "o", check=False)
-        assert r.returncode == 2 and f"argument {flag}" in r.stderr.strip().splitlines()[-1], (flag, r.stderr)
-    r = run(base_args(world, n_samples=1), tmp_path / "o", check=False)
-    assert r.returncode == 2 and "--n-samples 1" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_disc_init_with_another_tokenizer_is_refused(world, tmp_path):
-    other = toy.make_student(tmp_path / "other")
+    with pytest.raises(DataError, match="bad.jsonl:1: message 1 needs a role"):
+        inputs(train_data=bad)
+    other = toy.make_student(tmp_path / "other")  # D must read G's tokens
     tok = load_tokenizer(other)
     tok.add_tokens(["zebra"])
     tok.save_pretrained(other)
-    r = run(base_args(world, disc_init=other), tmp_path / "o", check=False)
-    assert r.returncode != 0 and "tokenizer differs from the student's" in r.stderr.strip().splitlines()[-1]
+    with pytest.raises(train_gad.Stop, match="tokenizer differs from the student's"):
+        inputs(disc_init=other)
+    assert not (tmp_path / "o").exists()  # nothing was written for a bad input
+    for flag, value in (("--prompts-per-step", "0"), ("--max-new-tokens", "-5"), ("--n-samples", "0"),
+                        ("--temperature", "0"), ("--lr", "-1e-6"), ("--d-lr", "nan"), ("--top-p", "1.5"),
+                        ("--token-budget", "many")):
+        with pytest.raises(SystemExit) as e:
+            train_gad.parse_args(base_args(world) + [flag, value])
+        assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err.strip().splitlines()[-1], flag
+    for argv, says, world_size in ((base_args(world, n_samples=1), "--n-samples 1", "1"),
+                                   (base_args(world, prompts_per_step=3), "--prompts-per-step 3 must be divisible by the "
+                                    "2 processes", "2")):
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        with pytest.raises(SystemExit) as e:
+            train_gad.parse_args(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    # the command line: the same errors as one last line on stderr, exit 1, no traceback
+    monkeypatch.delenv("WORLD_SIZE")
+    r = run(base_args(world, train_data=tmp_path / "missing.jsonl"), tmp_path / "o", check=False)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"train_gad.py: {tmp_path}/missing.jsonl: no such file"
+    assert "Traceback" not in r.stderr
+
+
+def test_end_to_end_tiny(world, tmp_path):
+    """The whole loop once, on one process: a D-only step, a warmup step and a GAD step, with the eval
+    before and after, a checkpoint and the chart."""
+    out = tmp_path / "run"
+    r = run(base_args(world, warmup_steps=2, d_only_steps=1, max_steps=3, eval_prompts=4), out)
+    ms = metrics(out)
+    assert [m["stage"] for m in ms] == ["d_only", "warmup", "gad"]
+    assert {"d_loss", "d_acc", "reward_std", "resp_len_mean", "cut_frac", "zero_adv_frac"} <= set(ms[0])
+    assert "sft_loss" in ms[1] and {"g_loss", "policy_loss", "kl", "clip_frac", "entropy"} <= set(ms[2])
+    assert all(m["peak_mem_gib"] > 0 and m["tok_per_s"] > 0 for m in ms)
+    assert (out / "eval-000000.jsonl").exists() and (out / "eval-000003.jsonl").exists()
+    assert (out / "ckpt-000003" / "generator" / "model.safetensors").exists() and (out / "metrics.png").exists()
+    assert "mean final-D score of the student's answers" in r.stdout
 
 
 @pytest.mark.slow
