@@ -223,7 +223,7 @@ def load_hf(path, dtype, device):
     from transformers import AutoModelForCausalLM
     d, f = os.path.split(path) if path.endswith(".gguf") else (path, None)
     kw = dict(gguf_file=f, dtype=torch.float32) if f else dict(dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(d, **kw).to(device, dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False, **kw).to(device, dtype).eval()
 
 
 def alternate(fns, repeats, device):
@@ -289,8 +289,8 @@ def profile(fn, device, rows=20):
 def logprobs_child(a, device, dtype):
     """One variant in this fresh process; prints {"peak_bytes", "s"} for the parent."""
     g = torch.Generator(device=device).manual_seed(0)
-    h = torch.randn(1, a.tokens, a.hidden, generator=g, device=device).mul_(0.5).to(dtype).requires_grad_()
-    w = torch.randn(a.vocab, a.hidden, generator=g, device=device).mul_(0.02).to(dtype).requires_grad_()
+    h = torch.randn(1, a.tokens, a.hidden, generator=g, device=device, dtype=dtype).mul_(0.5).requires_grad_()
+    w = torch.randn(a.vocab, a.hidden, generator=g, device=device, dtype=dtype).mul_(0.02).requires_grad_()
     t = torch.randint(a.vocab, (1, a.tokens), generator=g, device=device)
     naive = lambda: torch.log_softmax((h @ w.t()).float(), -1).gather(-1, t[..., None]).squeeze(-1)  # [T, V] whole
     chunked = lambda: chunked_logprobs(h, w, t, chunk=a.chunk)[0]
@@ -299,12 +299,18 @@ def logprobs_child(a, device, dtype):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:  # the kernel's high-water mark of resident memory, reset to what the inputs hold (Linux)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = rss_kib("VmRSS") * 1024
     s = timed(lambda: fn().sum().backward(), device)[0]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_kib("VmHWM") * 1024
     print(json.dumps({"peak_bytes": peak - base, "s": s}))
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return int(next(l for l in f if l.startswith(field + ":")).split()[1])
 
 
 def bench_logprobs(a, device, dtype):
@@ -529,7 +535,7 @@ def check_parity(ckpt, device, length):
         for dt in (torch.float32, torch.bfloat16):
             ours = load_model(ckpt, dtype=dt, device=device).eval()
             out["ours", dt], out["lp", dt] = ours(idx), token_logprobs(ours, idx)[0]
-            hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt).to(device).eval()
+            hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dt, trust_remote_code=False).to(device).eval()
             out["hf", dt] = hf(idx).logits.float()
             del ours, hf
     f32, b16 = out["ours", torch.float32], out["ours", torch.bfloat16]

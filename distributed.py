@@ -9,11 +9,24 @@ of, a step's metrics in one collective, and a clipped optimizer step that skips 
     for which, ids, lengths in micro_batches(groups, token_budget=4096, device=device): ...
 """
 
+import ctypes
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+
+
+def keep_freed_memory():
+    """glibc gives each large allocation its own mmap (always above 32 MB) and hands it back to the
+    kernel when freed, so every [chunk, vocab] buffer of every step starts in fresh pages that fault in
+    one by one: on a CPU that costs more than the passes over them. Keep freed memory for reuse."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator decides
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the top of the heap back
 
 
 def init_distributed():
@@ -31,6 +44,7 @@ def init_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -214,12 +214,12 @@ def next_token(logits, temperature, top_p, keys, t):
 
 
 def invert_cdf(p, u):
-    """For each row of probabilities p [B, V], the first token whose float64 CDF exceeds u [B, 1] times
-    the row's mass. In two levels, so that the (sequential) prefix sum runs over V / CDF_BLOCK block
-    sums and one block rather than over the whole vocabulary."""
+    """For each row of probabilities p [B, V], the first token whose CDF exceeds u [B, 1] times the row's
+    mass. In two levels, so that the (sequential) prefix sum runs over V / CDF_BLOCK block sums and one
+    block rather than over the whole vocabulary; the prefix sums are float64."""
     B, V = p.shape
     pb = (p if V % CDF_BLOCK == 0 else F.pad(p, (0, -V % CDF_BLOCK))).view(B, -1, CDF_BLOCK)
-    block_mass = pb.sum(-1, dtype=torch.float64)  # [B, blocks]
+    block_mass = pb.sum(-1).double()  # [B, blocks]; summed in fp32: a float64 sum would first copy all of p
     cdf = block_mass.cumsum(-1)
     u = u * cdf[:, -1:]
     b = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # the block where the CDF passes u

@@ -111,9 +111,14 @@ def causal_attention(q, k, v):
     token only sees earlier tokens of its own row (the outputs at padding are never used)."""
     if use_flash(q):
         return flash_attn_func(q, k, v, causal=True)
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():
+        # the CPU's flash-attention backward is several times slower in bf16 than in fp32 at training's
+        # sequence lengths, where attention is little of the work: train it in fp32
+        q, k, v = q.float(), k.float(), v.float()
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=k.shape[2] != q.shape[2])
-    return y.transpose(1, 2)
+    return y.transpose(1, 2).to(dtype)
 
 
 def packed_attention(q, k, v, lens, cu_seqlens):
@@ -266,32 +271,45 @@ def token_logprobs(model, input_ids, temperature=1.0, entropy=False):
     return model(input_ids[:, :-1], targets=input_ids[:, 1:], temperature=temperature, entropy=entropy)
 
 
-def _chunk_logprobs(h, w, t, temperature, want_entropy):
-    # 1/T scales the [chunk, C] hidden states, not the [chunk, V] logits: the same, for far less
-    logits = ((h / temperature if temperature != 1.0 else h) @ w.t()).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
-    if not want_entropy:
-        return logp, None
-    # the entropy is logged, never differentiated: without grad it keeps nothing for backward, so
-    # the checkpoint's recompute stops before it (early stop) and it is computed once, not twice
-    with torch.no_grad():
-        return logp, lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+class ChunkLogprobs(torch.autograd.Function):
+    """log p(t) of one chunk of rows h [N, C] under the LM head w [V, C], in fp32, and the entropy
+    (logged, never differentiated). It saves only its inputs and the log-normaliser for backward,
+    where the logits are computed again: memory stays [N, C] sized, as with activation checkpointing,
+    and the backward makes (softmax - onehot) in place in the one [N, V] buffer it needs."""
+
+    @staticmethod
+    def forward(ctx, h, w, t, want_entropy):
+        logits = (h @ w.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        logp = logits.gather(-1, t[:, None]).squeeze(-1) - lse
+        ent = None
+        if want_entropy:
+            logq = logits.sub_(lse[:, None])  # log-probabilities, in place
+            ent = -torch.linalg.vecdot(logq.exp(), logq)
+            ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(h, w, t, lse)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        h, w, t, lse = ctx.saved_tensors
+        # d log p(t) / d logits = onehot(t) - softmax
+        d = (h @ w.t()).float().sub_(lse[:, None]).exp_()
+        d.scatter_add_(-1, t[:, None], torch.full_like(lse[:, None], -1.0))
+        d = d.mul_(-grad[:, None]).to(h.dtype)
+        return d @ w, d.t() @ h, None, None
 
 
 def chunked_logprobs(h, w, targets, temperature=1.0, entropy=False, chunk=LOGPROB_CHUNK):
     """log p(targets) (and entropy) from hidden states h [B, T, C] and the LM head w [V, C], never
-    holding more than `chunk` rows of [*, V] logits. With grad, each chunk is recomputed in the
-    backward pass (activation checkpointing), so the saved activations stay [B, T, C] sized."""
+    holding more than `chunk` rows of [*, V] logits; gradients flow into h and w (see ChunkLogprobs)."""
     B, T, C = h.shape
     hf, tf = h.reshape(B * T, C), targets.reshape(B * T).clamp(min=0)  # ignore_index-style -100 is safe
+    if temperature != 1.0:
+        hf = hf / temperature  # 1/T scales the [N, C] hidden states, not the [N, V] logits: the same, for far less
     outs, ents = [], []
     for i in range(0, B * T, chunk):
-        args = (hf[i:i + chunk], w, tf[i:i + chunk], temperature, entropy)
-        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(*args)
+        lp, ent = ChunkLogprobs.apply(hf[i:i + chunk], w, tf[i:i + chunk], entropy)
         outs.append(lp)
         ents.append(ent)
     logp = torch.cat(outs).reshape(B, T).clone()  # not a view: FSDP2 hooks the outputs of a module
