@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -41,13 +43,43 @@ class RetryError(Exception):
         self.usage = usage or {"prompt_tokens": 0, "completion_tokens": 0}
 
 
-# The requests each thread has sent, counted by the HTTP client itself (an httpx event hook, for
-# every try the SDK makes): "attempts" means requests the server saw, however the SDK ended.
+# Per thread, what the HTTP client saw of the request in flight, through an httpx event hook on every
+# try the SDK makes: how many were sent ("attempts": requests the server saw, however the SDK ended),
+# and the last one's deadline.
 _sent = threading.local()
 
 
-def _count_request(request):
+def _on_request(request):
     _sent.n = getattr(_sent, "n", 0) + 1
+    limit = (request.extensions.get("timeout") or {}).get("read")
+    if limit:
+        _sent.deadline = request.extensions["trace"] = Deadline(time.monotonic() + limit)
+
+
+class Deadline:
+    """One request's deadline: its timeout from the first byte sent to the last byte received, however
+    slowly the server sends (httpx bounds each read, not the request). An httpcore trace callback: the
+    connection's socket (each request opens its own, see make_client) gets a timer that shuts it down
+    at the deadline; the read in progress then ends, and the SDK counts a failed request."""
+
+    def __init__(self, at):
+        self.at, self.timer, self.expired = at, None, False
+
+    def __call__(self, event, info):
+        if event == "connection.connect_tcp.complete":
+            sock = info["return_value"].get_extra_info("socket")
+            self.timer = threading.Timer(max(0.0, self.at - time.monotonic()), self.expire, (sock,))
+            self.timer.daemon = True
+            self.timer.start()
+        elif event.endswith("response_closed.complete") and self.timer is not None:
+            self.timer.cancel()
+
+    def expire(self, sock):
+        self.expired = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already
+            pass
 
 
 def make_client(base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_retries=6, flag="--api-key-env"):
@@ -57,7 +89,10 @@ def make_client(base_url=None, api_key_env="OPENAI_API_KEY", timeout=60.0, max_r
         raise FatalAPIError(f"{flag} {problem}")
     if not (key := os.environ.get(api_key_env)):
         raise FatalAPIError(f"environment variable {api_key_env} is not set (for a server without keys, any value works)")
-    http = openai.DefaultHttpxClient(event_hooks={"request": [_count_request]})
+    # a new connection per request: its socket is where the request's deadline acts (Deadline); a
+    # handshake costs little next to a model's answer
+    limits = type(openai.DEFAULT_CONNECTION_LIMITS)(max_connections=1000, max_keepalive_connections=0)
+    http = openai.DefaultHttpxClient(event_hooks={"request": [_on_request]}, limits=limits)
     return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries, http_client=http)
 
 
@@ -68,14 +103,29 @@ def one_line(text, secret=None):
     text = " ".join(str(text).split())
     if secret:
         text = text.replace(secret, "***")
+    text = re.sub(r"(://)[^/@\s]+@", r"\1***@", text)  # user:password@ in a URL, and keys in its query
+    text = re.sub(r"([?&][\w-]*(?:key|token|secret|sig|pass|auth)[\w-]*=)[^&\s]+", r"\1***", text, flags=re.I)
+    text = re.sub(r"\b(Basic|Bearer)\s+[A-Za-z0-9+/=._-]{8,}", r"\1 ***", text)  # an echoed Authorization header
     # servers echo keys back, sometimes half masked: keep only a recognisable prefix
     return re.sub(r"\b(sk-[A-Za-z0-9]{0,4})[A-Za-z0-9*_\-]{4,}", r"\1***", text)[:300]
+
+
+def redact_url(url):
+    """A URL fit to write down: no user, password or token in it (http://user:pw@host/v1?key=...)."""
+    if not url:
+        return url
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    u = urlsplit(url)
+    netloc = ("***@" if "@" in u.netloc else "") + u.netloc.rsplit("@", 1)[-1]
+    query = urlencode([(k, "***" if re.search(r"key|token|secret|sig|pass|auth", k, re.I) else v)
+                       for k, v in parse_qsl(u.query, keep_blank_values=True)], safe="*")
+    return urlunsplit((u.scheme, netloc, u.path, query, u.fragment))
 
 
 def api_error(err, secret=None, attempts=1, usage=None):
     """What an SDK error, raised after the SDK's own retries, means here: a RetryError when this request
     failed (the run goes on; a rerun asks again), a FatalAPIError when no request can succeed."""
-    if isinstance(err, openai.APITimeoutError):
+    if isinstance(err, openai.APITimeoutError) or getattr(getattr(_sent, "deadline", None), "expired", False):
         return RetryError("timeout", attempts, usage)
     if isinstance(err, openai.APIConnectionError):
         return RetryError("connection", attempts, usage)
@@ -115,18 +165,19 @@ def parse_completion(resp):
 
 
 def chat_with_retry(client, model, messages, *, temperature=None, max_tokens=None, retries=6, validate=None,
-                    extra=None):
+                    extra=None, before_retry=None):
     """One chat completion with a usable answer: {"text", "finish_reason", "usage", "attempts"}.
 
     The SDK retries what goes wrong on the way (see make_client); this loop retries what only we can
     judge: malformed or empty answers, and those validate(text) rejects (False or ValueError). Both draw
     on one budget of `retries` retries, counted in HTTP requests ("attempts"); usage sums every answer
-    billed. Raises RetryError when the budget runs out or the prompt itself is refused, FatalAPIError
-    when no retry can help."""
+    billed. before_retry() is asked before each of our retries (a budget: False stops with "budget").
+    Raises RetryError when the retries run out or the prompt itself is refused, FatalAPIError when no
+    retry can help."""
     body = request_body(model, messages, temperature, max_tokens)
     usage, sent = Counter(prompt_tokens=0, completion_tokens=0), 0
     while True:
-        _sent.n = 0
+        _sent.n, _sent.deadline = 0, None
         try:
             raw = client.with_options(max_retries=retries - sent).chat.completions.with_raw_response.create(
                 **body, extra_body=extra or None)
@@ -148,6 +199,8 @@ def chat_with_retry(client, model, messages, *, temperature=None, max_tokens=Non
                 return {"text": text, "finish_reason": finish, "usage": dict(usage), "attempts": sent}
         if sent > retries:
             raise RetryError(reason, sent, dict(usage))
+        if before_retry is not None and not before_retry():
+            raise RetryError("budget", sent, dict(usage))
 
 
 def run_pool(items, fn, concurrency=8, desc=None, stop=None, status=None, unit="req"):

@@ -200,6 +200,16 @@ def resumable(out_dir):
     return [os.path.join(out_dir, d) for d in sorted(done, reverse=True)]
 
 
+def saved_args(out_dir):
+    """The flags of the run in out_dir, from its newest readable resume state (None without one)."""
+    for ck in resumable(out_dir):
+        try:
+            return read_state(ck)["args"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def read_state(ck):
     with open(os.path.join(ck, "resume", "state.json")) as f:
         return json.load(f)

@@ -22,6 +22,7 @@ import mmap
 import os
 import sys
 import threading
+from collections import Counter
 
 try:
     import fcntl
@@ -230,23 +231,34 @@ def write_atomic(path, data):
 
 def render_prompt(tok, messages):
     """Token ids of a conversation rendered with the chat template, ready for the assistant's turn."""
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # a template's own raise_exception(), or one that cannot handle this conversation
+        raise DataError(f"the chat template of {tok.name_or_path or 'the tokenizer'} fails on it "
+                        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     # the template already writes any BOS it wants; adding special tokens again would double it
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_rows(rows, tok, eot, max_prompt_len, max_new_tokens):
+def tokenize_rows(rows, tok, eot, max_prompt_len, max_new_tokens, source="data"):
     """Prompt ids (chat template) and teacher ids. A teacher answer ends with the end-of-turn token
     exactly like a student sample that stopped, unless it was cut: over the length limit, or cut
     by the API (finish_reason "length") at any length. Then it ends like a cut sample, with no
-    end-of-turn: D must never tell the two apart by how they end."""
-    out, skipped = [], 0
+    end-of-turn: D must never tell the two apart by how they end. Rows with nothing to learn from are
+    left out and counted by reason (skipped): a prompt over max_prompt_len, a blank teacher answer."""
+    out, skipped = [], Counter()
     for r in rows:
-        prompt = render_prompt(tok, r["messages"])
-        if len(prompt) > max_prompt_len:
-            skipped += 1
+        if not (r.get("teacher") or "").strip():
+            skipped["a blank teacher answer"] += 1
             continue
-        t_ids = tok(r.get("teacher") or "", add_special_tokens=False)["input_ids"]
+        try:
+            prompt = render_prompt(tok, r["messages"])
+        except DataError as e:
+            raise DataError(f"{source}: row {r['id']}: {e}") from None
+        if len(prompt) > max_prompt_len:
+            skipped["a prompt over --max-prompt-len"] += 1
+            continue
+        t_ids = tok(r["teacher"], add_special_tokens=False)["input_ids"]
         cut = len(t_ids) >= max_new_tokens or r.get("finish_reason") == "length"
         t_ids = t_ids[:max_new_tokens] if cut else t_ids + [eot]
         out.append({**r, "prompt": prompt, "teacher_ids": t_ids})

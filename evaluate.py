@@ -55,7 +55,8 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from api import FatalAPIError, RetryError, chat_with_retry, exit_now, make_client, one_line, request_key, run_pool
+from api import (FatalAPIError, RetryError, chat_with_retry, exit_now, make_client, one_line, redact_url, request_key,
+                 run_pool)
 from charts import plot_metrics, pyplot, save_png
 from data import DataError, JsonlStore, jsonl, render_prompt, write_atomic
 from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env, number
@@ -347,16 +348,40 @@ def discriminator_scores(path, rows, answers, args):
 # -----------------------------------------------------------------------------
 # the judge
 
+SCORE = r"(\d+(?:\.\d+)?)\s*(?:/\s*10\b|out of 10\b)?"
+LABELLED = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*([12])\b(?:'s)?(?:\s*(?:score|rating))?\s*[:=(\-–]?\s*"
+                      + SCORE, re.I)
+NUMBERED = re.compile(r"^\s*([12])\s*[.):]\s*" + SCORE + r"\s*$", re.M)
+
+
 def parse_scores(text):
-    """The two scores on the first non-empty line of a judge reply; ValueError otherwise."""
-    line = next((l for l in text.splitlines() if l.strip()), "")
-    line = re.sub(r"/\s*10\b", " ", line.replace("*", ""))  # tolerate "8/10 7/10" and **bold**
-    nums = re.findall(r"\d+(?:\.\d+)?", line)
+    """The two scores of a judge reply (Assistant 1's, Assistant 2's); ValueError for anything else,
+    and the reply is asked for again. The protocol asks for them alone on the first line ("8 7", also
+    read as "8/10 7/10" or "**8** **7**"). Replies that label them ("Assistant 1: 8/10" and "Assistant 2:
+    6/10", on one line or two) or number them ("1. 8" and "2. 6") are read by their labels, in the
+    opening lines; a number that belongs to a label is never taken for a score."""
+    lines = [l.replace("*", "").strip() for l in text.splitlines() if l.strip()]
+    head = "\n".join(lines[:3])
+    for pattern in (LABELLED, NUMBERED):
+        found = {}
+        for label, score in pattern.findall(head):
+            found.setdefault(label, set()).add(float(score))
+        if found:
+            if sorted(found) != ["1", "2"] or any(len(v) > 1 for v in found.values()):
+                raise ValueError(f"not one score for each assistant: {head[:80]!r}")
+            return check_scores((found["1"].pop(), found["2"].pop()), head)
+    first = lines[0] if lines else ""
+    if re.search(r"assistant|answer|response", first, re.I):  # labelled in a way not read above
+        raise ValueError(f"first line is not two scores: {first[:80]!r}")
+    nums = re.findall(SCORE, first)
     if len(nums) != 2:
-        raise ValueError(f"first line is not two scores: {line[:80]!r}")
-    s = (float(nums[0]), float(nums[1]))
+        raise ValueError(f"first line is not two scores: {first[:80]!r}")
+    return check_scores(tuple(map(float, nums)), first)
+
+
+def check_scores(s, where):
     if not all(0 <= x <= 10 for x in s) or sum(s) == 0:
-        raise ValueError(f"scores out of range: {line[:80]!r}")
+        raise ValueError(f"scores out of range: {where[:80]!r}")
     return s
 
 
@@ -587,6 +612,7 @@ def evaluate(args):
     results = {s: {m: summarize(per[s, m], args) for m in models} for s in sets}
     unit = f"tokens, {tok_name} tokenizer" if tok_path else "whitespace words"
     out = {"config": {**{k: v for k, v in vars(args).items() if k not in ("plot_metrics", "plot_out")},
+                      "judge_base_url": redact_url(args.judge_base_url),
                       "length_unit": unit, "tokenizer": tok_path},
            "models": {m: {"kind": k, "path": p, **({"step": ckpts[m][0]} if m in ckpts else {})} for m, (k, p) in models.items()},
            "test_sets": {s: len(r) for s, r in sets.items()}, "results": results,

@@ -111,6 +111,7 @@ def load_model(name_or_path, cls=Transformer, dtype=None, device=None):
         cfg_dict, tensors = read_gguf(path)
         cfg = config_from_hf(cfg_dict, source=path)
     else:
+        refuse_remote_code(path)
         cfg = config_from_hf(read_json(os.path.join(path, "config.json")), os.path.join(path, "config.json"))
         gen = os.path.join(path, "generation_config.json")
         cfg.generation = read_json(gen) if os.path.exists(gen) else {}
@@ -306,6 +307,15 @@ def save_model(model, out_dir, tokenizer=None, state_dict=None, max_shard_bytes=
                      max_shard_bytes=max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    mode = 0o666 & ~current_umask()  # the weights' writer makes them 0600; the rest of a checkpoint is not
+    for f in glob.glob(os.path.join(out_dir, "*.safetensors")):
+        os.chmod(f, mode)
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_safetensors(sd, out_dir, drop=(), max_shard_bytes=5 * 2**30):
@@ -322,15 +332,29 @@ def save_safetensors(sd, out_dir, drop=(), max_shard_bytes=5 * 2**30):
 # -----------------------------------------------------------------------------
 # tokenizer and chat template
 
+def refuse_remote_code(path):
+    """A checkpoint whose configs name classes of its own (auto_map) asks to run its own Python code;
+    nanoGAD never does, and says so in one line rather than let transformers ask at a terminal."""
+    for name in ("tokenizer_config.json", "config.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f) and read_json(f).get("auto_map"):
+            raise LoadError(f"{f}: the checkpoint asks to run its own code (auto_map); nanoGAD never runs code "
+                            "from a checkpoint: use one whose model and tokenizer transformers ships")
+
+
 def load_tokenizer(name_or_path):
     """The HF tokenizer (with its chat template) of a directory, hub id or .gguf file."""
     from transformers import AutoTokenizer
     p = resolve_checkpoint(name_or_path)
     try:
         if p.endswith(".gguf"):
-            tok = AutoTokenizer.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p))
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
+                                                trust_remote_code=False)
         else:
-            tok = AutoTokenizer.from_pretrained(p)
+            refuse_remote_code(p)
+            tok = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+    except LoadError:
+        raise
     except Exception as e:
         raise LoadError(f"{p}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if tok.chat_template is None:

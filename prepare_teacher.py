@@ -113,6 +113,8 @@ class Collector:
 
     def __init__(self, args):
         self.args, self.lock, self.used, self.now = args, threading.Lock(), Counter(), Counter()
+        # $ booked by the requests in flight, and how many they are
+        self.reserved, self.in_flight, self.room = 0.0, 0, threading.Condition(self.lock)
         self.refusal = re.compile(args.refusal_filter) if args.refusal_filter else None
         self.stores = []
         try:
@@ -142,6 +144,25 @@ class Collector:
 
     def over_budget(self):
         return self.args.max_cost is not None and self.spent >= self.args.max_cost
+
+    def reserve(self, cost):
+        """Book a request's worst case before it is sent. While it does not fit under --max-cost next to
+        the requests in flight, wait for them (their real cost is usually below their worst case); False,
+        and nothing booked, once none is in flight and it still does not fit."""
+        with self.room:
+            while self.args.max_cost is not None and self.spent + self.reserved + cost > self.args.max_cost:
+                if not self.in_flight:
+                    return False
+                self.room.wait()
+            self.reserved += cost
+            self.in_flight += 1
+            return True
+
+    def release(self, costs):
+        with self.room:
+            self.reserved -= sum(costs)
+            self.in_flight -= len(costs)
+            self.room.notify_all()
 
     def filter_reason(self, row):
         if not row["teacher"].strip():
@@ -194,7 +215,8 @@ class Collector:
         print(f"summary: {len(jobs)} prompts: {status['done']} done, {status['failed']} failed{detail['failed']}, "
               f"{status['filtered']} filtered{detail['filtered']}, {status['pending']} pending")
         no_prices = " (no --price-in/--price-out)" if self.args.price_in is None and self.args.price_out is None else ""
-        print(f"tokens: {self.used['in']:,} in, {self.used['out']:,} out; cost ${self.spent:.4f} in all, "
+        budget = f" of the --max-cost ${self.args.max_cost}" if self.args.max_cost is not None else ""
+        print(f"tokens: {self.used['in']:,} in, {self.used['out']:,} out; cost ${self.spent:.4f} in all{budget}, "
               f"${self.spent - self.spent_before:.4f} this run{no_prices}")
         if status["failed"]:
             print("rerun the same command to retry the failed prompts")
@@ -218,12 +240,28 @@ def live(args, col, todo):
     client = make_client(args.base_url, args.api_key_env, args.timeout, args.retries)
 
     def work(job):
+        # each send (ours and every retry of an unusable answer, which is billed too) books its worst
+        # case first, so concurrent requests can never together spend past --max-cost
+        worst, booked = col.price(job["tokens_in"], args.max_tokens or 0), []
+
+        def book():
+            if not col.reserve(worst):
+                return False
+            booked.append(worst)
+            return True
+
+        if not book():
+            return None  # stays pending: a rerun with a larger --max-cost asks it
         try:
             res = chat_with_retry(client, args.model, job["sent"], temperature=args.temperature,
-                                  max_tokens=args.max_tokens, retries=args.retries, extra=args.extra_body)
+                                  max_tokens=args.max_tokens, retries=args.retries, extra=args.extra_body,
+                                  before_retry=book)
         except RetryError as e:
-            return col.fail(job, e.reason, e.attempts, e.usage)
-        col.finish(job, res["text"], res["finish_reason"], res["usage"])
+            col.fail(job, e.reason, e.attempts, e.usage)
+        else:
+            col.finish(job, res["text"], res["finish_reason"], res["usage"])
+        finally:
+            col.release(booked)  # after the real cost is charged: the room it frees is real
 
     run_pool(todo, work, args.concurrency, desc="teacher", stop=col.over_budget,
              status=lambda: f"failed={col.now['failed']} cost=${col.spent:.4f}")
@@ -446,6 +484,9 @@ def parse_args(argv):
         p.error("--model is required (the teacher's model name, or a checkpoint path with --backend local)")
     if args.max_cost is not None and (args.price_in is None or args.price_out is None):
         p.error("--max-cost needs --price-in and --price-out")
+    if args.max_cost is not None and args.max_tokens is None and not args.import_only:
+        p.error("--max-cost needs --max-tokens: each request's worst case (its prompt and --max-tokens at your "
+                "prices) is booked before it is sent")
     if args.batch_api and args.backend == "local":
         p.error("--batch-api works only with --backend api")
     if args.backend == "local":  # model.py needs concrete values, and the key records them
@@ -483,8 +524,9 @@ def collect(args, col, rows):
         batch_api(args, col, todo, jobs)
     elif todo:
         live(args, col, todo)
-    if col.over_budget() and any(col.status(j["key"])[0] in ("pending", "failed") for j in jobs):
-        print(f"stopped at the budget: ${col.spent:.4f} spent of --max-cost ${args.max_cost}")
+    if args.max_cost is not None and any(col.status(j["key"])[0] == "pending" for j in jobs):
+        print(f"stopped at the budget: ${col.spent:.4f} spent of --max-cost ${args.max_cost} (each request books "
+              "its worst case before it is sent)")
     return jobs
 
 

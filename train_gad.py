@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 
@@ -46,13 +47,21 @@ from health import Monitors
 from loading import LoadError, default_student, end_of_turn_id, load_model, load_tokenizer, stop_token_ids
 from model import Transformer, token_logprobs
 
+# The flags that define a run: --resume refuses to continue a run with any of them changed. The others
+# (steps, cadences, token budget, rollout rows, checkpointing, dtype, monitors) may change on resume.
+RUN_FLAGS = ("mode", "student", "disc_init", "train_data", "max_prompt_len", "warmup_steps", "d_only_steps",
+             "prompts_per_step", "max_new_tokens", "n_samples", "temperature", "top_p", "sft_temperature", "d_loss",
+             "freeze_d_after_warmup", "ppo_minibatches", "ppo_epochs", "clip_eps", "dual_clip", "kl_coef", "lr",
+             "d_lr", "d_head_lr", "weight_decay", "beta1", "beta2", "grad_clip", "seed")
 DEMO_MARKERS = ("arr,arrr,matey,mateys,ahoy,aye,ye,yer,me hearty,hearties,landlubber,shiver me timbers,pirate,pirates,"
                 "buccaneer,buccaneers,scallywag,yo ho")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAD: black-box on-policy distillation",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="--resume continues a run only with the flags that define it unchanged: "
+                                + ", ".join("--" + f.replace("_", "-") for f in RUN_FLAGS))
     a = p.add_argument
     a("--mode", choices=["gad", "seqkd"], default="gad", help="gad: warmup then GAD; seqkd: SFT baseline")
     # data and models; the defaults are the CPU demo's
@@ -362,15 +371,52 @@ class Stop(Exception):
     """The run cannot go on; the message is one line."""
 
 
+class Terminated(Exception):
+    """A scheduler's SIGTERM ended the run after a step and its checkpoint; the message is one line."""
+
+
+_sigterm = []
+
+
+def on_sigterm(signum, frame):
+    _sigterm.append(signum)  # acted on at the end of the step, by every process at the same step
+
+
+def terminate_requested(device):
+    """Whether any process got SIGTERM: one all-reduce, so that all stop after the same step."""
+    flag = torch.tensor([float(bool(_sigterm))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def same_flag(saved, given):
+    """A flag's saved value against today's; paths count as equal when they name the same file."""
+    if saved == given:
+        return True
+    return isinstance(saved, str) and isinstance(given, str) and os.path.realpath(saved) == os.path.realpath(given)
+
+
 def load_inputs(args, world):
     """The tokenizer, the tokenized train and eval rows and the models' paths, every input checked
     before the process group starts and before anything is written: a bad input costs one line."""
     checkpoint.check_out_dir(args.out_dir, args.resume, args.overwrite)
+    if args.resume and (saved := checkpoint.saved_args(args.out_dir)):
+        if "student" in saved:  # the default student, unnamed or named
+            saved["student"] = saved["student"] or default_student()
+            args.student = args.student or default_student()
+        for k in RUN_FLAGS:
+            if k in saved and not same_flag(saved[k], getattr(args, k)):
+                flag = "--" + k.replace("_", "-")
+                raise Stop(f"--resume: {flag} is {getattr(args, k)} here, but {saved[k]} in the run in {args.out_dir}; "
+                           f"a changed run needs another --out-dir (--init-from can start it from this run's checkpoint)")
     if args.init_from:
         try:
-            checkpoint.read_state(args.init_from)
-        except (OSError, ValueError) as e:
+            saved = checkpoint.read_state(args.init_from)["args"]
+        except (OSError, ValueError, KeyError) as e:
             raise Stop(f"--init-from {args.init_from}: not a checkpoint with resume state ({e})") from None
+        if args.mode == "gad" and saved["mode"] == "gad" and saved["d_loss"] != args.d_loss:  # D's shape
+            raise Stop(f"--d-loss {args.d_loss}: the discriminator of --init-from {args.init_from} was trained with "
+                       f"--d-loss {saved['d_loss']} (the BCE head has a bias the BT head lacks)")
     student = args.student or default_student()
     g_path = os.path.join(args.init_from, "generator") if args.init_from else student
     d_path = os.path.join(args.init_from, "discriminator") if args.init_from else (args.disc_init or student)
@@ -380,13 +426,17 @@ def load_inputs(args, world):
     if args.mode == "gad" and d_path not in (g_path, student) and load_tokenizer(d_path).get_vocab() != tok.get_vocab():
         raise Stop(f"--disc-init {d_path}: its tokenizer differs from the student's; D must read G's tokens")
     eot = end_of_turn_id(tok)
-    rows, skipped = tokenize_rows(read_rows(args.train_data), tok, eot, args.max_prompt_len, args.max_new_tokens)
+    rows, skipped = tokenize_rows(read_rows(args.train_data), tok, eot, args.max_prompt_len, args.max_new_tokens,
+                                  f"--train-data {args.train_data}")
+    why = ", ".join(f"{n} with {reason}" for reason, n in skipped.items())
     if not rows:
-        raise Stop(f"--train-data {args.train_data}: no usable rows ({skipped} prompts over --max-prompt-len)")
+        raise Stop(f"--train-data {args.train_data}: no usable rows ({why})")
+    if skipped and int(os.environ.get("RANK", 0)) == 0:
+        print(f"--train-data {args.train_data}: {sum(skipped.values())} rows left out ({why})", file=sys.stderr)
     eval_rows = []
     if args.eval_data and args.eval_prompts:
         eval_rows = tokenize_rows(read_rows(args.eval_data)[:args.eval_prompts], tok, eot, args.max_prompt_len,
-                                  args.max_new_tokens)[0]
+                                  args.max_new_tokens, f"--eval-data {args.eval_data}")[0]
         eval_rows = eval_rows[:len(eval_rows) // world * world]  # every rank answers as many
     return tok, rows, eval_rows, g_path, d_path
 
@@ -412,6 +462,7 @@ def build_models(args, g_path, d_path, device, bf16):
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
     master = int(os.environ.get("RANK", 0)) == 0
     log = print if master else (lambda *a, **k: None)
     tok, rows, eval_rows, g_path, d_path = load_inputs(args, int(os.environ.get("WORLD_SIZE", 1)))
@@ -565,11 +616,16 @@ def main(argv=None):
 
         if D is not None and eval_rows and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             write_eval(run_eval(G, D, eval_rows, args, tok, stop, eot, device), step, args, markers, log)
-        if not args.no_save and (step == args.max_steps or (args.save_every and step % args.save_every == 0)):
+        terminating = terminate_requested(device)  # a scheduler's SIGTERM: save, then stop
+        if not args.no_save and (terminating or step == args.max_steps or (args.save_every and step % args.save_every == 0)):
             state = dict(step=step, epoch=order.epoch, cursor=order.cursor, world=world, args=vars(args))
             last_ckpt = checkpoint.save(args.out_dir, step, models, opts, state, tok, pad_id_for_scoring(tok, stop),
                                         args.keep_resume)
             log(f"saved {last_ckpt}")
+        if terminating:
+            raise Terminated(f"terminated (SIGTERM) after step {step - 1}; " + (
+                f"continue from {last_ckpt} with the same command and --resume" if not args.no_save else
+                "no checkpoint written (--no-save)"))
 
     if D is not None and eval_rows:
         last_eval = run_eval(G, D, eval_rows, args, tok, stop, eot, device)
@@ -589,6 +645,10 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+    except Terminated as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"train_gad.py: {e}", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", 0)) == 0:
             print("train_gad.py: interrupted; continue with the same command and --resume "

@@ -14,7 +14,9 @@ Faults: `faults(prompt, attempt)` returns None or one of
   "429" (with Retry-After), "500", "503", "slow" (answers after `slow_s`), "drop" (closes the
   socket with no response), "malformed" (broken JSON), "nochoices" (JSON without choices),
   "empty" (empty content), "length" (truncated answer), "refusal", "html" (an HTML page with
-  status 200, as a misconfigured proxy sends), "401", "400_model", "400_context".
+  status 200, as a misconfigured proxy sends), "401", "400_model", "400_context", "trickle" (the
+  answer one byte every `trickle_s`, each within any read timeout), "trickle_headers" (the status
+  line and headers so).
 `prompt` is the last user message, `attempt` counts that prompt's requests from 1.
 `batch_faults(prompt)` does the same for batch lines ("500", "empty", "malformed" or None).
 """
@@ -82,11 +84,11 @@ def completion(model, messages, fault=None):
 
 class FakeOpenAI:
     def __init__(self, faults=None, batch_faults=None, api_key=None, slow_s=1.0, delay=0.0,
-                 retry_after="0", batch_polls=1):
+                 retry_after="0", batch_polls=1, trickle_s=0.3):
         self.faults = faults or (lambda prompt, attempt: None)
         self.batch_faults = batch_faults or (lambda prompt: None)
         self.api_key = api_key          # when set, other keys get a 401 that echoes the key sent
-        self.slow_s, self.delay, self.retry_after = slow_s, delay, retry_after
+        self.slow_s, self.delay, self.retry_after, self.trickle_s = slow_s, delay, retry_after, trickle_s
         self.batch_polls = batch_polls  # retrieves that answer "in_progress" before a batch completes
         self.lock = threading.Lock()
         self.attempts = Counter()       # prompt -> chat requests seen
@@ -142,6 +144,8 @@ class FakeOpenAI:
         if fault == "nochoices":
             return 200, {}, {"id": "chatcmpl-x", "object": "chat.completion", "choices": []}, 0
         wait = self.slow_s if fault == "slow" else self.delay
+        if fault in ("trickle", "trickle_headers"):
+            return 200, {"X-Trickle": fault}, completion(body.get("model"), messages), 0
         return 200, {}, completion(body.get("model"), messages, fault), wait
 
     def run_batch(self, batch):
@@ -189,16 +193,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send(self, status, payload, headers=None):
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        trickle = (headers or {}).pop("X-Trickle", None)
         try:
+            if trickle == "trickle_headers":  # written by hand, a byte at a time, with the body
+                head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(data)}\r\n\r\n").encode()
+                return self.trickle(head + data)
             self.send_response(status)
             headers = {"Content-Type": "application/json", **(headers or {})}
             self.send_header("Content-Length", str(len(data)))
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
+            if trickle:
+                return self.trickle(data)
             self.wfile.write(data)
         except OSError:  # the client gave up (timeout) and closed its side
             self.close_connection = True
+
+    def trickle(self, data):
+        self.close_connection = True
+        for i in range(len(data)):
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
+            time.sleep(self.server.fake.trickle_s)
 
     def read_body(self):
         n = int(self.headers.get("Content-Length") or 0)

@@ -127,6 +127,33 @@ def test_parse_scores():
             parse_scores(bad)
 
 
+@pytest.mark.parametrize("reply, scores", [
+    ("Assistant 1: 8/10\nAssistant 2: 6/10", (8.0, 6.0)),  # labelled, two lines: not (1, 8)
+    ("Assistant 1: 8/10 / Assistant 2: 6/10\nBoth are fine.", (8.0, 6.0)),  # labelled, one line
+    ("**Assistant 1:** 7\n**Assistant 2:** 9\n\nAssistant 2 is more detailed.", (7.0, 9.0)),
+    ("Assistant 2: 6\nAssistant 1: 9", (9.0, 6.0)),  # read by label, not by order
+    ("Assistant 1's score: 8.5, Assistant 2's score: 7", (8.5, 7.0)),
+    ("Assistant 1 (8/10) and Assistant 2 (4/10)", (8.0, 4.0)),
+    ("1. 8\n2. 6", (8.0, 6.0)),  # numbered lines
+    ("1) 8/10\n2) 6/10\nThe first is better.", (8.0, 6.0)),
+    ("Scores: 8 and 7", (8.0, 7.0)),
+])
+def test_parse_scores_labelled_and_numbered_forms(reply, scores):
+    assert parse_scores(reply) == scores
+
+
+@pytest.mark.parametrize("reply", [
+    "Assistant 1: 8/10\nAssistant 2 was too short.",  # one score: unusable, asked again
+    "Assistant 1 is better than Assistant 2.\n8 7",  # labels with no score: never read as scores
+    "Assistant 1: 8\nAssistant 1: 9\nAssistant 2: 4",  # two scores for one assistant
+    "Assistant 1: 8/10\nAssistant 2: 12/10",  # out of range
+    "1. 8\n3. 6",
+])
+def test_parse_scores_refuses_what_it_cannot_read_for_sure(reply):
+    with pytest.raises(ValueError):
+        parse_scores(reply)
+
+
 # -----------------------------------------------------------------------------
 # the judge, against a fake OpenAI-compatible server
 
@@ -225,6 +252,25 @@ def test_judge_protocol(fake_judge, tmp_path, capsys):
     assert a_res["mean"] == pytest.approx(sum((x + y) / 2 for x, y in zip(paper, swapped)) / 3)
     assert a_res["order1_score"] > a_res["order2_score"]
     assert "sk-test" not in (out / "results.json").read_text() + (out / "judge_cache.jsonl").read_text()
+
+
+def test_credentials_in_the_judge_url_are_never_written(fake_judge, tmp_path, capsys):
+    import fake_openai
+    test = write_jsonl(tmp_path / "set.jsonl", [row(0, "q?", "x [score=5]")])
+    out = tmp_path / "o"
+    with fake_openai.FakeOpenAI() as srv:  # a server behind a proxy that takes the URL's credentials
+        url = srv.url.replace("http://", "http://judge-user:hunter2-secret@")
+        assert ev.main(["--models", "teacher", "--test-sets", test, "--out-dir", str(out), "--judge",
+                        "--judge-base-url", url, "--judge-api-key-env", "FAKE_JUDGE_KEY", "--bootstrap", "50"]) == 0
+    cap = capsys.readouterr()
+    written = "".join(p.read_text() for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".md"))
+    for secret in ("hunter2-secret", "judge-user"):
+        assert secret not in written and secret not in cap.out + cap.err, secret
+    assert json.loads((out / "results.json").read_text())["config"]["judge_base_url"].startswith("http://***@127.0.0.1")
+    from api import one_line, redact_url
+    assert redact_url("https://u:p@h/v1?api-key=tok-1&x=2") == "https://***@h/v1?api-key=***&x=2"
+    assert "tok-1" not in one_line("404 - no route /v1/?api-key=tok-1chat") and "p@" not in one_line("at https://u:p@h/v1")
+    assert "anVk" not in one_line("401 - Incorrect API key provided: Basic anVkZ2UtdXNlcjpodW50ZXIy.")
 
 
 def test_judge_failing_everywhere_exits_nonzero(fake_judge, tmp_path, capsys):

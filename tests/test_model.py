@@ -8,10 +8,13 @@ import sys
 import pytest
 import torch
 
+import toy
+
 from data import render_prompt
 from loading import LoadError, end_of_turn_id, load_model, load_tokenizer, save_model, stop_token_ids
 
 transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
@@ -180,6 +183,8 @@ def test_saved_files(tmp_path):
     assert set(index["weight_map"]) == set(ours.state_dict()) - {"lm_head.weight"}
     save_model(ours, tmp_path / "b")
     assert sorted(os.listdir(tmp_path / "b")) == ["config.json", "generation_config.json", "model.safetensors"]
+    modes = {f: os.stat(tmp_path / "b" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "b")}
+    assert len(set(modes.values())) == 1, modes  # the weights as readable as the rest (not 0600)
     with safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"} and set(f.keys()) == set(ours.state_dict()) - {"lm_head.weight"}
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b").eval()
@@ -213,3 +218,39 @@ def test_stop_token_ids_read_the_generation_config(tmp_path):
     hf.save_pretrained(tmp_path / "src")
     save_model(load_model(str(tmp_path / "src")), tmp_path / "out", tokenizer=tok)
     assert stop_token_ids(load_tokenizer(str(tmp_path / "out"))) == [eot, 14]
+
+
+def test_a_checkpoint_never_runs_its_own_code(tmp_path):
+    """A tokenizer or config with auto_map asks to run the checkpoint's Python: refused in one line,
+    before transformers could ask at a terminal; the module never runs."""
+    import pty
+    ckpt = tmp_path / "ckpt"
+    tiny_hf("llama_gqa_tied").save_pretrained(ckpt)
+    toy.make_tokenizer().save_pretrained(ckpt)
+    marker = tmp_path / "ran"
+    (ckpt / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                  "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match="asks to run its own code"):
+        load_tokenizer(str(ckpt))
+    # at a terminal, as a user runs it: one line, no question, exit 1
+    leader, follower = pty.openpty()
+    r = subprocess.run([sys.executable, "train_gad.py", "--student", str(ckpt), "--out-dir", str(tmp_path / "o")],
+                       cwd=ROOT, stdin=follower, stdout=follower, stderr=follower, timeout=120)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    text = out.decode(errors="replace").strip()
+    assert r.returncode == 1 and "[y/N]" not in text and "Traceback" not in text, text
+    assert text.splitlines()[-1].startswith("train_gad.py: ") and "auto_map" in text.splitlines()[-1]
+    assert not marker.exists()

@@ -189,6 +189,27 @@ def test_chat_with_retry_each_fault():
         assert len(srv.log) == n + 1
 
 
+@pytest.mark.parametrize("fault", ["trickle", "trickle_headers"])
+def test_timeout_bounds_the_whole_request(fault, tmp_path, capsys):
+    """A server that sends its answer (or its headers) a byte at a time, each byte well inside any read
+    timeout: --timeout still ends the request, counted as a timeout, and the SDK's retries each get it."""
+    msgs = [{"role": "user", "content": f"always:{fault}"}]
+    with FakeOpenAI(faults=lambda prompt, attempt: prompt.split(":")[1], trickle_s=0.2) as srv:
+        client = api.make_client(srv.url, timeout=1.0)
+        t = time.time()
+        with pytest.raises(api.RetryError) as e:
+            api.chat_with_retry(client, "fake", msgs, retries=1)
+        assert e.value.reason == "timeout" and e.value.attempts == 2 and time.time() - t < 6, (e.value, time.time() - t)
+        # the whole program: one prompt, --timeout 1 --retries 0 -> failed as a timeout within seconds
+        prompts = tmp_path / "p.jsonl"
+        prompts.write_text(json.dumps({"id": "a", "prompt": f"always:{fault}"}) + "\n")
+        t = time.time()
+        code, out, err = run_main(capsys, fast(srv, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+                                               "--timeout", "1", "--retries", "0"))
+        assert code == 1 and time.time() - t < 10
+        assert [r["reason"] for r in lines(tmp_path / "o.failed.jsonl")] == ["timeout"]
+
+
 def test_tiktoken_offline_falls_back(monkeypatch, capsys):
     import tiktoken
 
@@ -249,14 +270,33 @@ def test_fatal_error_stops_at_once_with_one_line(tmp_path, capsys):
 def test_budget_stops_cleanly_and_holds_across_reruns(tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", 100)
     with FakeOpenAI() as srv:
-        # a request costs about 8 input and 15 output tokens: about $0.0023 at these prices
+        # a request costs about 8 input and 15 output tokens, at most 8 + 20: $0.0028 at these prices
         args = fast(srv, "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"), "--concurrency", "2",
-                    "--price-in", "100", "--price-out", "100", "--max-cost", "0.02")
+                    "--price-in", "100", "--price-out", "100", "--max-cost", "0.02", "--max-tokens", "20")
         code, report, _ = run_main(capsys, args)
         n = len(lines(tmp_path / "o.jsonl"))
         assert code == 0 and 5 <= n <= 12 and len(srv.log) == n and "stopped at the budget" in report and "pending" in report
         code, report, _ = run_main(capsys, args)
-        assert code == 0 and "budget reached" in report and len(srv.log) == n
+        assert code == 0 and "stopped at the budget" in report and len(srv.log) == n
+
+
+def test_budget_holds_under_concurrency(tmp_path, capsys):
+    """32 requests in flight at once: each books its worst case before it is sent, so spending stays
+    within --max-cost (and at most one request's worst case beyond it, were the estimate short)."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 200)
+    with FakeOpenAI(delay=0.3) as srv:
+        args = fast(srv, "--prompts", prompts, "--out", str(tmp_path / "o.jsonl"), "--concurrency", "32",
+                    "--price-in", "100", "--price-out", "100", "--max-cost", "0.05", "--max-tokens", "20")
+        code, report, _ = run_main(capsys, args)
+        rows = lines(tmp_path / "o.jsonl")
+        spent = sum((r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]) * 100 / 1e6 for r in rows)
+        worst = (12 + 20) * 100 / 1e6
+        assert code == 0 and 0.05 - 4 * worst < spent <= 0.05 + worst, (spent, len(rows))
+        assert len(srv.log) == len(rows) and "of the --max-cost $0.05" in report
+    with pytest.raises(SystemExit):  # a worst case needs an output bound
+        pt.parse_args(["--prompts", "p", "--out", "o", "--model", "m", "--price-in", "1", "--price-out", "1",
+                       "--max-cost", "1"])
+    assert "--max-cost needs --max-tokens" in capsys.readouterr().err
 
 
 def test_system_prompt_filters_split_and_dry_run(tmp_path, capsys):
@@ -580,8 +620,8 @@ def test_nonsense_numbers_are_refused_by_argparse(tmp_path, capsys, flag, value,
 
 def test_edge_values_are_accepted():
     args = pt.parse_args(["--prompts", "p", "--out", "o", "--model", "m", "--temperature", "0", "--retries", "0",
-                          "--price-in", "0", "--price-out", "0", "--max-cost", "0", "--min-success", "1",
-                          "--test-size", "0.5"])
+                          "--price-in", "0", "--price-out", "0", "--max-cost", "0", "--max-tokens", "1",
+                          "--min-success", "1", "--test-size", "0.5"])
     assert (args.temperature, args.retries, args.max_cost, args.min_success, args.test_size) == (0, 0, 0, 1, 0.5)
     assert pt.parse_args(["--prompts", "p", "--out", "o", "--model", "m", "--test-size", "3"]).test_size == 3
     local = pt.parse_args(["--prompts", "p", "--out", "o", "--model", "m", "--backend", "local"])

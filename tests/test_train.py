@@ -694,3 +694,82 @@ def test_ctrl_c_and_full_disk_end_in_one_line(world, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == f"train_gad.py: {out}/ckpt-000002.tmp: No space left on device"
     assert (out / "ckpt-000001" / "resume" / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_exactly(world, tmp_path):
+    """A scheduler's SIGTERM to torchrun on 2 processes: the step in progress ends on both, a checkpoint
+    is written, the workers exit 143 with one line, and --resume continues as the uninterrupted run."""
+    import signal
+    import time
+    kw = dict(warmup_steps=2, d_only_steps=1, max_steps=8, eval_prompts=0)
+    run(base_args(world, **kw), tmp_path / "full", nproc=2)
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gad.py"]
+    p = subprocess.Popen(cmd + base_args(world, **kw) + ["--out-dir", str(out)], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    line = [l for l in stderr.splitlines() if l.startswith("train_gad.py: ")]
+    assert len(line) == 1 and "terminated (SIGTERM) after step" in line[0] and "--resume" in line[0], stderr[-3000:]
+    assert "exitcode  : 143" in stderr or "exit code 143" in stderr or p.returncode != 0, stderr[-2000:]
+    saved = sorted(d for d in os.listdir(out) if d.startswith("ckpt-"))
+    assert len(saved) == 1 and int(saved[0][5:]) == len(metrics(out)) < 8, (saved, len(metrics(out)))
+    run(base_args(world, **kw) + ["--resume"], out, nproc=2)
+    assert_same_metrics(metrics(tmp_path / "full"), metrics(out))
+    a, b = (weights(d / "ckpt-000008" / "generator") for d in (tmp_path / "full", out))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_resume_refuses_a_changed_run(world, tmp_path, capsys):
+    """--resume compares the flags that define a run with the saved ones and names the one changed; the
+    operational ones may change. A flag that changes D's shape for --init-from is named too."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    args = base_args(world, warmup_steps=1, d_only_steps=1, max_steps=2) + ["--out-dir", str(out)]
+    saved = vars(train_gad.parse_args(args))
+    (out / "ckpt-000001" / "resume").mkdir(parents=True)
+    (out / "ckpt-000001" / "resume" / "state.json").write_text(json.dumps(
+        {"step": 1, "epoch": 0, "cursor": 8, "world": 1, "args": saved, "saved": ["G", "D", "optD"], "files": {}}))
+    for flag, value, says in (("--n-samples", "4", "--n-samples is 4 here, but 8 in the run"),
+                              ("--max-new-tokens", "16", "--max-new-tokens is 16 here, but 8"),
+                              ("--mode", "seqkd", "--mode is seqkd here, but gad"),
+                              ("--train-data", world["test"], "--train-data is"),
+                              ("--d-loss", "bce", "--d-loss is bce here, but bt"),
+                              ("--lr", "2e-3", "--lr is 0.002 here, but 0.001")):
+        with pytest.raises(train_gad.Stop, match=says):
+            train_gad.load_inputs(train_gad.parse_args(args + ["--resume", flag, value]), 1)
+    for flag, value in (("--max-steps", "9"), ("--save-every", "1"), ("--token-budget", "128"), ("--eval-every", "1")):
+        train_gad.load_inputs(train_gad.parse_args(args + ["--resume", flag, value]), 1)  # operational: accepted
+    with pytest.raises(SystemExit):
+        train_gad.parse_args(["--help"])
+    helps = " ".join(capsys.readouterr().out.split())
+    assert "the flags that define it unchanged: --mode, --student," in helps and "--n-samples" in helps
+    with pytest.raises(train_gad.Stop, match="--d-loss bce: the discriminator of --init-from"):
+        train_gad.load_inputs(train_gad.parse_args(base_args(world, d_loss="bce") + [
+            "--out-dir", str(tmp_path / "new"), "--init-from", str(out / "ckpt-000001")]), 1)
+
+
+def test_blank_teacher_answers_and_a_failing_chat_template(world, tmp_path, capsys):
+    rows = [json.loads(l) for l in open(world["train"])][:4]
+    rows[1]["teacher"], rows[2]["teacher"] = "", "   "
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = train_gad.parse_args(base_args(world, train_data=data) + ["--out-dir", str(tmp_path / "o")])
+    _, got, _, _, _ = train_gad.load_inputs(args, 1)
+    assert [r["id"] for r in got] == [rows[0]["id"], rows[3]["id"]]
+    assert "2 rows left out (2 with a blank teacher answer)" in capsys.readouterr().err
+    hostile = tmp_path / "hostile"
+    import shutil
+    shutil.copytree(world["student"], hostile)
+    tok = load_tokenizer(str(hostile))
+    tok.chat_template = "{{ raise_exception('only one user turn, please') }}"
+    tok.save_pretrained(hostile)
+    r = run(base_args(world, student=hostile, train_data=data), tmp_path / "o", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"row {rows[0]['id']}: the chat template" in r.stderr.strip().splitlines()[-1]
+    assert "only one user turn, please" in r.stderr.strip().splitlines()[-1]
