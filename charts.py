@@ -35,7 +35,8 @@ def save_png(plt, fig, path):
 # panel title -> train_gad.py metrics drawn in it
 TRAIN_PANELS = [("discriminator accuracy", ["d_acc"]), ("discriminator loss", ["d_loss"]),
                 ("rewards", ["r_teacher", "r_student"]), ("response length (tokens)", ["resp_len_mean", "resp_len_max"]),
-                ("KL to reference (k3)", ["kl"]), ("generator loss", ["sft_loss", "policy_loss"])]
+                ("KL to reference (k3)", ["kl"]), ("generator loss", ["sft_loss", "policy_loss"]),
+                ("samples that loop, that are cut", ["loop_frac", "cut_frac"])]
 
 
 def plot_metrics(path, out):

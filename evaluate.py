@@ -44,6 +44,7 @@ written); 130 Ctrl-C (the caches are kept).
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -62,7 +63,9 @@ from data import DataError, JsonlStore, jsonl, render_prompt, write_atomic
 from flags import FRACTION, NONNEG, NONNEG_INT, POS, POS_INT, key_env, number
 from generate import generate
 from importers import import_file
+from health import has_loop
 from loading import LoadError, end_of_turn_id, load_model, load_tokenizer, read_json, resolve_checkpoint, stop_token_ids
+from oracle import kl_along
 
 PROG = "evaluate.py"
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -93,7 +96,13 @@ METRICS = {
     "len": ("answer length ({unit})", "{:.0f}"),
     "cut": ("answers cut at the length limit (%)", "{:.1f}"),
     "dscore": ("mean discriminator score", "{:.3f}"),
+    "loop": ("answers that loop: a 1-3-word unit 4 times in a row (%)", "{:.1f}"),
+    "distinct2": ("distinct word pairs per answer (%)", "{:.1f}"),
 }
+# with --oracle, per student temperature tau: what only a local teacher can measure
+ORACLE = {"forward_kl": "forward KL(teacher || student) along the teacher's answers, nats/token",
+          "reverse_kl": "reverse KL(student || teacher) along the student's samples, nats/token",
+          "loop_sampled": "sampled answers that loop (%)", "distinct2_sampled": "distinct word pairs per sampled answer (%)"}
 ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -452,13 +461,145 @@ def judge(client, args, store, sets, answers):
 
 
 # -----------------------------------------------------------------------------
+# the oracle judge: exact KLs to a local teacher (oracle.py), and how the samples loop
+
+def oracle_temperature(args, rows, set_name):
+    """--oracle-temperature, else the temperature the test set's teacher answers were sampled at."""
+    if args.oracle_temperature is not None:
+        return args.oracle_temperature
+    found = {r.get("temperature") for r in rows}
+    if len(found) != 1 or None in found:
+        raise DataError(f"--oracle: test set '{set_name}' does not say at what temperature its answers were sampled "
+                        "(a 'temperature' field in every row, one value): give --oracle-temperature")
+    return float(found.pop())
+
+
+def check_oracle_vocab(args, models):
+    """A KL between two vocabularies means nothing: every checkpoint must read the oracle's tokens."""
+    vocab = load_tokenizer(args.oracle).get_vocab()
+    for m, (kind, path) in models.items():
+        if kind == "checkpoint" and load_tokenizer(path).get_vocab() != vocab:
+            raise DataError(f"--oracle {args.oracle}: its tokenizer differs from that of --models {m} ({path}); "
+                            "a KL over two vocabularies means nothing")
+
+
+def sample_stats(samples, tok, n_prompts, k):
+    """Per prompt, the fraction of its k samples that loop and their mean distinct-2."""
+    texts = [tok.decode(x.tokens[:-1] if x.stopped else x.tokens, skip_special_tokens=True) for x in samples]
+    loops = [float(np.mean([has_loop(t) for t in texts[i * k:(i + 1) * k]])) for i in range(n_prompts)]
+    d2 = [float(np.mean([distinct2(t) for t in texts[i * k:(i + 1) * k]])) for i in range(n_prompts)]
+    return loops, d2
+
+
+def oracle_judge(args, sets, models, answers):
+    """{(set, model): per-prompt oracle records}: forward and reverse KL at each --oracle-taus, loops and
+    distinct-2 of the samples; and, as model "oracle", the teacher model's own greedy and sampled answers
+    (with its hidden system prompt), the yardstick for loops."""
+    device, dtype = torch_setup(args)
+    otok = load_tokenizer(args.oracle)
+    oracle = load_model(args.oracle, dtype=dtype, device=device).eval()
+    eot, ostop, taus, k = end_of_turn_id(otok), stop_token_ids(otok, args.oracle), args.oracle_taus, args.oracle_samples
+    per = {}
+    for s, rows in sets.items():
+        T = oracle_temperature(args, rows, s)
+        o_prompts = [render_prompt(otok, ([{"role": "system", "content": sy}] if (sy := args.oracle_system or
+                                          r.get("system")) else []) + r["messages"]) for r in rows]
+        # the teacher's answers ending like a sample that stopped, unless they were cut
+        t_ans = [otok(r["teacher"], add_special_tokens=False)["input_ids"]
+                 + ([] if r.get("finish_reason") == "length" else [eot]) for r in rows]
+        greedy = generate(oracle, o_prompts, max_new_tokens=args.max_new_tokens, temperature=0, stop_ids=ostop)
+        loops, d2 = sample_stats(generate(oracle, o_prompts, n=k, max_new_tokens=args.max_new_tokens, temperature=T,
+                                          stop_ids=ostop, seed=args.seed), otok, len(rows), k)
+        g_loops, g_d2 = sample_stats(greedy, otok, len(rows), 1)
+        per[s, "oracle"] = [{"id": r["id"], "loop": g_loops[i], "distinct2": g_d2[i], "loop_sampled": {T: loops[i]},
+                             "distinct2_sampled": {T: d2[i]}} for i, r in enumerate(rows)]
+        for m, (kind, path) in models.items():
+            if kind != "checkpoint":
+                continue
+            student, tok = load_model(path, dtype=dtype, device=device).eval(), load_tokenizer(path)
+            stop = stop_token_ids(tok, path)
+            s_prompts = [render_prompt(tok, r["messages"]) for r in rows]
+            fwd = kl_along(student, taus, [p + a for p, a in zip(s_prompts, t_ans)], oracle, T,
+                           [p + a for p, a in zip(o_prompts, t_ans)], list(map(len, t_ans)), "forward", device)
+            recs = [{"id": r["id"], "forward_kl": {tau: fwd[tau][i] for tau in taus}, "reverse_kl": {},
+                     "loop_sampled": {}, "distinct2_sampled": {}} for i, r in enumerate(rows)]
+            for tau in tqdm(taus, desc=f"oracle {m}", unit="tau"):
+                xs = generate(student, s_prompts, n=k, max_new_tokens=args.max_new_tokens, temperature=tau,
+                              stop_ids=stop, seed=args.seed)
+                rev = kl_along(student, [tau], [s_prompts[x.prompt_index] + x.tokens for x in xs], oracle, T,
+                               [o_prompts[x.prompt_index] + x.tokens for x in xs], [len(x.tokens) for x in xs],
+                               "reverse", device)[tau]
+                loops, d2 = sample_stats(xs, tok, len(rows), k)
+                for i, rec in enumerate(recs):
+                    rec["reverse_kl"][tau] = float(np.mean(rev[i * k:(i + 1) * k]))
+                    rec["loop_sampled"][tau], rec["distinct2_sampled"][tau] = loops[i], d2[i]
+            per[s, m] = recs
+            del student
+    return per
+
+
+def paired(per, sets, specs, args):
+    """For each --paired A:B, per test set and metric and tau, the mean over prompts of A minus B with a
+    bootstrap interval over the same prompts; A and B may each be several models joined by + (seeds), whose
+    values are averaged per prompt first."""
+    out = {}
+    for spec in specs:
+        a, b = ([n for n in side.split("+")] for side in spec.split(":"))
+        for s in sets:
+            recs = {m: per.get((s, m)) for m in a + b}
+            if any(r is None for r in recs.values()):
+                continue
+            res = out.setdefault(s, {}).setdefault(spec.replace(":", " - "), {})
+            for key in ("forward_kl", "reverse_kl", "loop_sampled"):
+                for tau in recs[a[0]][0][key]:
+                    diff = [np.mean([recs[m][i][key][tau] for m in a]) - np.mean([recs[m][i][key][tau] for m in b])
+                            for i in range(len(sets[s]))]
+                    res.setdefault(key, {})[tau] = bootstrap([(100.0 if key == "loop_sampled" else 1.0) * d
+                                                              for d in diff], None, args.bootstrap, args.seed)
+    return out
+
+
+def oracle_markdown(results, models, sets, pairs):
+    parts = []
+    for s in sets:
+        ms = [m for m in models if "forward_kl" in results[s][m]]
+        if not ms:
+            continue
+        taus = list(results[s][ms[0]]["forward_kl"])
+        head = ([f"forward KL, tau {t}" for t in taus] + [f"reverse KL, tau {t}" for t in taus] + ["greedy loops (%)"]
+                + [f"sampled loops (%), tau {t}" for t in taus])
+        rows = [f"| {m} | " + " | ".join([cell(results[s][m][key][t], fmt) for key, fmt in (
+            ("forward_kl", "{:.3f}"), ("reverse_kl", "{:.3f}")) for t in taus] + [cell(results[s][m]["loop"], "{:.1f}")]
+            + [cell(results[s][m]["loop_sampled"][t], "{:.1f}") for t in taus]) + " |" for m in ms]
+        o = results[s]["oracle"]
+        (T, o_loop), = o["loop_sampled"].items()
+        parts.append("\n".join([f"### oracle: {s} (n={len(sets[s])})", "", "| model | " + " | ".join(head) + " |",
+                                 "|---|" + "---|" * len(head), *rows, "",
+                                 f"The teacher model itself: greedy loops {cell(o['loop'], '{:.1f}')}%, sampled at its "
+                                 f"temperature {T} {cell(o_loop, '{:.1f}')}%."]))
+        for name, res in (pairs.get(s) or {}).items():
+            parts.append(f"Paired difference {name} on {s}, over the same prompts: " + "; ".join(
+                f"{key} at tau {t} {cell(v, '{:+.1f}' if key == 'loop_sampled' else '{:+.3f}')}"
+                for key, by_tau in res.items() for t, v in by_tau.items()))
+    return "\n\n".join(parts) + "\n" if parts else ""
+
+
+# -----------------------------------------------------------------------------
 # summaries, tables, charts
+
+def distinct2(text):
+    """Distinct word pairs of an answer over its word pairs (1 for an answer of fewer than two words)."""
+    w = re.findall(r"\w+", text.lower())
+    pairs = list(zip(w, w[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
 
 def per_prompt_metrics(rows, answers, count, markers, vs_teacher):
     """Judge-free metrics of one model's answers on one test set, one record per prompt."""
     out = []
     for r, a in zip(rows, answers):
-        p = {"id": r["id"], "len": count(a["answer"]), "cut": a["cut"]}
+        p = {"id": r["id"], "len": count(a["answer"]), "cut": a["cut"], "loop": has_loop(a["answer"]),
+             "distinct2": distinct2(a["answer"])}
         if markers is not None:
             p["marker"] = bool(markers.search(a["answer"]))
         if vs_teacher and r.get("teacher"):
@@ -471,7 +612,13 @@ def per_prompt_metrics(rows, answers, count, markers, vs_teacher):
 def summarize(per, args):
     """Per-prompt records of one (set, model) -> {metric: {mean, lo, hi, n}, ...}."""
     b = lambda num, den=None: bootstrap(num, den, args.bootstrap, args.seed)
-    res = {"len": b([p["len"] for p in per]), "cut": b([100.0 * p["cut"] for p in per])}
+    res = {"len": b([p["len"] for p in per]), "cut": b([100.0 * p["cut"] for p in per])} if per and "len" in per[0] else {}
+    if per and "loop" in per[0]:
+        res["loop"], res["distinct2"] = b([100.0 * p["loop"] for p in per]), b([100.0 * p["distinct2"] for p in per])
+    for key in ORACLE:  # per tau
+        if per and key in per[0]:
+            scale = 100.0 if key in ("loop_sampled", "distinct2_sampled") else 1.0
+            res[key] = {tau: b([scale * p[key][tau] for p in per]) for tau in per[0][key]}
     if any("marker" in p for p in per):
         res["marker"] = b([100.0 * p["marker"] for p in per])
     if with_ref := [p for p in per if "rougeL" in p]:
@@ -557,6 +704,25 @@ def plot_checkpoints(plt, results, ckpts, others, sets, key, best, path, unit):
 
 # -----------------------------------------------------------------------------
 
+def plot_oracle(plt, results, models, sets, path):
+    """Reverse against forward KL, one line per model through its sampling temperatures (Caccia et al.
+    2018: a model is a curve, not a point); lower left is closer to the teacher both ways."""
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.5), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for m in (m for m in models if "forward_kl" in results[s][m]):
+            taus = list(results[s][m]["forward_kl"])
+            x = [results[s][m]["forward_kl"][t]["mean"] for t in taus]
+            y = [results[s][m]["reverse_kl"][t]["mean"] for t in taus]
+            line, = ax.plot(x, y, marker="o", label=m)
+            for t, xi, yi in zip(taus, x, y):
+                ax.annotate(f"{t:g}", (xi, yi), fontsize=7, color=line.get_color(), xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set(xlabel="forward KL(teacher || student), nats/token", ylabel="reverse KL(student || teacher), nats/token",
+               title=f"{s}: the oracle, across student temperatures")
+        ax.legend(fontsize=8)
+    save_png(plt, fig, path)
+
+
 def select_checkpoint(results, ckpts, sets, key):
     """The checkpoint with the highest mean `key` over the test sets (max() keeps the first of equals:
     the earlier step). Returns (its record for results.json, the line that names it)."""
@@ -582,6 +748,13 @@ def evaluate(args):
     except OSError as e:
         why = "exists and is not a directory" if os.path.isfile(args.out_dir) else f"cannot be created ({e.strerror})"
         raise DataError(f"--out-dir {args.out_dir}: {why}") from None
+    if args.oracle:
+        check_oracle_vocab(args, models)
+        names = set(models)
+        for spec in args.paired:
+            sides = spec.split(":")
+            if len(sides) != 2 or not all(n in names for side in sides for n in side.split("+")):
+                raise DataError(f"--paired {spec}: A:B with A and B among --models ({', '.join(names)}), joined by +")
     if args.judge:  # now, not after an hour of generation: a missing key shows at once
         client = make_client(args.judge_base_url, args.judge_api_key_env, timeout=args.judge_timeout,
                                 max_retries=args.judge_retries, flag="--judge-api-key-env")
@@ -603,24 +776,36 @@ def evaluate(args):
         for (s, m), ans in tqdm(answers.items(), desc="discriminator", unit="set"):
             for p, d in zip(per[s, m], discriminator_scores(args.discriminator, sets[s], ans, args)):
                 p["dscore"] = d
+    if args.oracle:
+        for (s, m), recs in oracle_judge(args, sets, models, answers).items():
+            if m == "oracle":
+                per[s, m] = recs
+            else:
+                for p, o in zip(per[s, m], recs):
+                    p.update(o)
     if args.judge:
         with closing(JsonlStore(os.path.join(args.out_dir, "judge_cache.jsonl"))) as store:
             for k, recs in judge(client, args, store, sets, answers).items():
                 for p, j in zip(per[k], recs):
                     p["judge"] = j
 
-    results = {s: {m: summarize(per[s, m], args) for m in models} for s in sets}
+    names = list(models) + (["oracle"] if args.oracle else [])
+    results = {s: {m: summarize(per[s, m], args) for m in names} for s in sets}
     unit = f"tokens, {tok_name} tokenizer" if tok_path else "whitespace words"
     out = {"config": {**{k: v for k, v in vars(args).items() if k not in ("plot_metrics", "plot_out")},
                       "judge_base_url": redact_url(args.judge_base_url),
                       "length_unit": unit, "tokenizer": tok_path},
            "models": {m: {"kind": k, "path": p, **({"step": ckpts[m][0]} if m in ckpts else {})} for m, (k, p) in models.items()},
            "test_sets": {s: len(r) for s, r in sets.items()}, "results": results,
-           "per_prompt": {s: {m: per[s, m] for m in models} for s in sets}}
+           "per_prompt": {s: {m: per[s, m] for m in names} for s in sets}}
+    if args.oracle:
+        out["paired"] = pairs = paired(per, sets, args.paired, args)
     best_line = ""
     if ckpts:
         out["selection"], best_line = select_checkpoint(results, ckpts, sets, args.select_by)
     md = markdown(results, list(models), sets, unit)
+    if args.oracle:
+        md += "\n" + oracle_markdown(results, list(models), sets, pairs)
     write_atomic(os.path.join(args.out_dir, "results.json"), json.dumps(out, indent=1).encode())
     write_atomic(os.path.join(args.out_dir, "results.md"), (md + (f"\n{best_line}\n" if best_line else "")).encode())
     written = ["results.json", "results.md"]
@@ -633,6 +818,9 @@ def evaluate(args):
             plot_checkpoints(plt, results, ckpts, [m for m in models if m not in ckpts], sets, args.select_by,
                              out["selection"]["best"], os.path.join(args.out_dir, "checkpoints.png"), unit)
             written.append("checkpoints.png")
+        if args.oracle:
+            plot_oracle(plt, results, list(models), sets, os.path.join(args.out_dir, "oracle.png"))
+            written.append("oracle.png")
     print(md)
     print(f"wrote {args.out_dir}/" + ", ".join(written))
     short = []
@@ -650,6 +838,16 @@ def evaluate(args):
               "(results are written; a rerun retries the failed calls)", file=sys.stderr)
         return 3
     return 0
+
+
+def float_list(text):
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of positive numbers is expected")
+    return values
 
 
 def word_list(text):
@@ -695,6 +893,17 @@ def parse_args(argv):
     a("--min-judged", type=FRACTION, default=0.9,
       help="exit 3 when the judge scored fewer than this fraction of some model's prompts on some set")
     a("--both-orders", action="store_true", help="also judge with the answers swapped, and average")
+    # the oracle judge, for a teacher that is a local model (oracle.py)
+    a("--oracle", help="the teacher model (a checkpoint or .gguf): exact forward and reverse KL of each checkpoint "
+      "to it, and the loops of their samples")
+    a("--oracle-system", help="the teacher's hidden system prompt (default: each row's 'system' field)")
+    a("--oracle-temperature", type=POS, help="the teacher's temperature (default: the rows' 'temperature' field, "
+      "the one the answers were sampled at)")
+    a("--oracle-taus", type=float_list, default=float_list("0.5,0.7,1.0"), help="student sampling temperatures, "
+      "comma-separated: one temperature misleads (Caccia et al. 2018)")
+    a("--oracle-samples", type=POS_INT, default=2, help="student samples per prompt and temperature for the reverse KL")
+    a("--paired", nargs="+", default=[], metavar="A:B", help="with --oracle: the difference A minus B over the same "
+      "prompts, with its interval; A and B may be several models joined by + (seeds), averaged per prompt")
     # the rest
     a("--discriminator", help="a discriminator checkpoint (ckpt-*/discriminator): adds the mean D score")
     a("--bootstrap", type=POS_INT, default=1000, help="bootstrap resamples")
@@ -711,6 +920,8 @@ def parse_args(argv):
     if args.run and not given:
         p.error(f"--select-by {args.select_by} needs {flag}")
     args.out_dir = args.out_dir or os.path.join(args.run or "out", "eval")
+    if args.paired and not args.oracle:
+        p.error("--paired compares the oracle's figures: it goes with --oracle")
     return args
 
 

@@ -3,7 +3,8 @@ Health monitors for the adversarial game: each catches one way GAD is known to b
 says so in one line (train_gad.py prints it and records it in metrics.jsonl under "warnings").
 
     from health import Monitors
-    mon = Monitors(window=5, chance_band=0.05, saturation=0.98, length_drift=0.5, zero_adv=0.5)
+    mon = Monitors(window=5, chance_band=0.05, saturation=0.98, length_drift=0.5, zero_adv=0.5,
+                   teacher_loops=0.05, loop_margin=0.15)
     for rec in records:           # metrics.jsonl records, one per step
         for w in mon.check(rec):  # the warnings that start at this step
             print(w)
@@ -19,15 +20,30 @@ says so in one line (train_gad.py prints it and records it in metrics.jsonl unde
   value at the start of the GAD stage: the reward hacking the paper saw with a frozen D.
 - Zero advantages: on average at least zero_adv of the prompt groups got n equal rewards, so
   their samples teach G nothing.
+- Loops: the fraction of the step's samples that loop (has_loop) rose above the teacher answers' own
+  rate by more than loop_margin: the degeneration of a policy that found a phrase D rewards.
 A warning fires when its condition starts and again only after it has cleared.
 """
 
+import re
+
+LOOP_REPEATS = 4  # a unit of 1-3 words said this many times in a row is a loop
+
+
+def has_loop(text):
+    """Whether a 1-3-word unit repeats LOOP_REPEATS or more times in a row ("Aye, aye, aye, aye", "me
+    aye, me aye, me aye, me aye"); words are lowercase letter and digit runs, punctuation ignored."""
+    w = re.findall(r"\w+", text.lower())
+    n = LOOP_REPEATS
+    return any(w[i:i + k] * n == w[i:i + k * n] for k in (1, 2, 3) for i in range(len(w) - k * n + 1))
+
 
 class Monitors:
-    def __init__(self, window, chance_band, saturation, length_drift, zero_adv):
+    def __init__(self, window, chance_band, saturation, length_drift, zero_adv, teacher_loops=0.0, loop_margin=None):
         self.window, self.chance_band, self.saturation = window, chance_band, saturation
         self.length_drift, self.zero_adv = length_drift, zero_adv
-        self.d_acc, self.gad_acc, self.zero, self.gad_len0, self.active = [], [], [], None, set()
+        self.teacher_loops, self.loop_margin = teacher_loops, loop_margin
+        self.d_acc, self.gad_acc, self.zero, self.loops, self.gad_len0, self.active = [], [], [], [], None, set()
 
     def check(self, rec):
         """The warnings that start with this step's record."""
@@ -37,6 +53,8 @@ class Monitors:
             self.gad_acc = (self.gad_acc + [rec["d_acc"]])[-self.window:]
         if "zero_adv_frac" in rec:
             self.zero = (self.zero + [rec["zero_adv_frac"]])[-self.window:]
+        if "loop_frac" in rec:
+            self.loops = (self.loops + [rec["loop_frac"]])[-self.window:]
         full = len(self.d_acc) == self.window
         acc = sum(self.d_acc) / max(1, len(self.d_acc))
         conditions = {
@@ -65,6 +83,12 @@ class Monitors:
             conditions["zero_adv"] = (z >= self.zero_adv,
                                       f"{z:.0%} of prompt groups got n equal rewards over {self.window} steps: "
                                       "their samples teach G nothing (identical samples? raise --temperature)")
+        if self.loop_margin is not None and len(self.loops) == self.window:
+            lp = sum(self.loops) / self.window
+            conditions["loops"] = (lp > self.teacher_loops + self.loop_margin,
+                                   f"{lp:.0%} of the samples loop (a 1-3-word unit 4 times in a row) over {self.window} "
+                                   f"steps, against {self.teacher_loops:.0%} of the teacher's answers: G degenerates "
+                                   "toward a phrase D rewards (a smaller --lr, a larger --kl-coef, a faster D)")
         out = []
         for key, (bad, msg) in conditions.items():
             if bad and key not in self.active:

@@ -177,8 +177,10 @@ class Collector:
 
     def finish(self, job, text, finish_reason, usage, model=None, batch=False):
         row = {k: v for k, v in job["row"].items() if k not in ("teacher", "usage", "finish_reason")}
-        extras = {"finish_reason": finish_reason, "usage": usage, "system": job.get("system"), "batch": batch or None}
-        row.update(teacher=text, model=model or self.args.model, key=job["key"], **{k: v for k, v in extras.items() if v})
+        extras = {"finish_reason": finish_reason, "usage": usage, "system": job.get("system"), "batch": batch or None,
+                  "temperature": None if model else self.args.temperature}  # what an oracle needs (evaluate.py)
+        row.update(teacher=text, model=model or self.args.model, key=job["key"],
+                   **{k: v for k, v in extras.items() if v or (k == "temperature" and v == 0)})
         reason = self.filter_reason(row)
         with self.lock:
             self.now["answered"] += 1

@@ -43,7 +43,7 @@ from distributed import (StepMetrics, clip_and_step, fast_bf16, init_distributed
                          shard)
 from flags import NONNEG, NONNEG_INT, POS, POS_INT, number
 from generate import generate
-from health import Monitors
+from health import Monitors, has_loop
 from loading import LoadError, default_student, end_of_turn_id, load_model, load_tokenizer, stop_token_ids
 from model import Transformer, token_logprobs
 
@@ -125,6 +125,8 @@ def parse_args(argv=None):
     a("--warn-length-drift", type=POS, default=0.5, help="warn when the mean response length moves by more "
       "than this fraction from its value at the start of the GAD stage")
     a("--warn-zero-adv", type=POS, default=0.5, help="warn when this fraction of groups has equal rewards")
+    a("--warn-loops", type=POS, default=0.15, help="warn when the fraction of samples that loop (a 1-3-word unit 4 "
+      "times in a row) exceeds the teacher answers' own by more than this")
     # system
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="compute dtype; master weights, "
       "gradient reduction and optimizer states stay fp32. auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX")
@@ -357,7 +359,7 @@ def count_bad_steps(skipped, bad_steps, rec, max_bad_steps, last_ckpt, log):
 def write_record(rec, path, eta_s, wandb, log):
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    keys = ["d_loss", "d_acc", "r_teacher", "r_student", "sft_loss", "policy_loss", "kl", "resp_len_mean"]
+    keys = ["d_loss", "d_acc", "r_teacher", "r_student", "sft_loss", "policy_loss", "kl", "resp_len_mean", "loop_frac"]
     log(f"step {rec['step']:5d} {rec['stage']:6s} " + " ".join(f"{k} {rec[k]:.4g}" for k in keys if k in rec) +
         f" | {rec['t_step']:.1f}s/step, eta {eta_s / 60:.1f} min")
     if wandb is not None:
@@ -490,8 +492,9 @@ def main(argv=None):
         log(f"--resume: no checkpoint in {args.out_dir}, starting fresh")
     step, ref = state["step"], models["R"]
     order = PromptOrder(len(rows), args.seed, state["epoch"], state["cursor"])
+    teacher_loops = sum(has_loop(r["teacher"]) for r in rows) / len(rows)
     monitors = Monitors(args.monitor_window, args.warn_d_chance, args.warn_d_saturated, args.warn_length_drift,
-                        args.warn_zero_adv)
+                        args.warn_zero_adv, teacher_loops, args.warn_loops)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
     if master and args.resume:
         for rec in checkpoint.truncate_metrics(metrics_path, step):
@@ -525,7 +528,8 @@ def main(argv=None):
                                temperature=temperature, top_p=args.top_p, stop_ids=stop,
                                seed=sample_seeds(args, step, rank, world, P), max_batch=args.rollout_rows or None)
             lens = torch.tensor([len(s.tokens) for s in samples], dtype=torch.float64)
-            m.add(resp_len_mean=lens, cut_frac=sum(not s.stopped for s in samples), per=pairs)
+            loops = sum(has_loop(tok.decode(s.tokens, skip_special_tokens=True)) for s in samples)
+            m.add(resp_len_mean=lens, cut_frac=sum(not s.stopped for s in samples), loop_frac=loops, per=pairs)
             m.add(tokens=lens)
             m.top(resp_len_max=lens)
             times["t_sample"] = time.time() - t0

@@ -719,3 +719,65 @@ def test_judge_prompt_is_fastchats(shared_data):
     assert rec["category"] == "general"
     assert (rec["system_prompt"], rec["prompt_template"], rec["defaults"]["prompt"]) == \
         (ev.JUDGE_SYSTEM, ev.JUDGE_TEMPLATE, ev.JUDGE_PROMPT)
+
+
+# -----------------------------------------------------------------------------
+# the oracle judge
+
+def test_exact_kl_against_a_brute_force_sum(toy_world, tmp_path):
+    """oracle.kl_along against the definition, summed term by term in float64 over the vocabulary from
+    each model's own full logits; and a model against itself, same context and temperature, is 0."""
+    import toy
+    import torch
+    from loading import load_model
+    from oracle import kl_along
+    a = load_model(toy_world["student"]).eval()
+    b = load_model(toy.make_student(tmp_path / "other", seed=1)).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs_a = [torch.randint(7, 21, (L,), generator=g).tolist() for L in (9, 5, 12)]
+    seqs_b = [[2, 4] + s for s in seqs_a]  # another context before the same answers
+    lens = [4, 2, 6]
+    for direction in ("forward", "reverse"):
+        got = kl_along(a, [0.6, 1.3], seqs_a, b, 0.8, seqs_b, lens, direction, torch.device("cpu"), batch=2)
+        for tau in (0.6, 1.3):
+            for s_a, s_b, n, kl in zip(seqs_a, seqs_b, lens, got[tau]):
+                with torch.no_grad():
+                    la, lb = a(torch.tensor([s_a]))[0].double(), b(torch.tensor([s_b]))[0].double()
+                terms = []
+                for t in range(n):
+                    pa = torch.softmax(la[len(s_a) - n - 1 + t] / tau, -1)  # the student at tau
+                    pb = torch.softmax(lb[len(s_b) - n - 1 + t] / 0.8, -1)  # the oracle at its temperature
+                    p, q = (pb, pa) if direction == "forward" else (pa, pb)
+                    terms.append(sum(float(p[v]) * (math.log(float(p[v])) - math.log(float(q[v]))) for v in range(len(p))))
+                assert kl == pytest.approx(sum(terms) / n, rel=1e-4, abs=1e-6), (direction, tau)
+    same = kl_along(a, [0.8], seqs_a, a, 0.8, seqs_a, lens, "reverse", torch.device("cpu"))[0.8]
+    assert max(abs(x) for x in same) < 1e-6
+
+
+def test_oracle_end_to_end(toy_world, tmp_path, capsys):
+    import toy
+    other = toy.make_student(tmp_path / "other", seed=1)
+    out = tmp_path / "o"
+    argv = ["--models", f"self={toy_world['student']}", f"other={other}", "teacher", "--test-sets",
+            f"toy={toy_world['test']}", "--out-dir", str(out), "--max-new-tokens", "6", "--oracle", toy_world["student"],
+            "--oracle-temperature", "0.8", "--oracle-taus", "0.8,1.2", "--oracle-samples", "2", "--paired", "other:self",
+            "--bootstrap", "100"]
+    assert ev.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    r = res["results"]["toy"]
+    # the oracle against itself (no system prompt in these rows) at its own temperature: 0; elsewhere > 0
+    assert r["self"]["forward_kl"]["0.8"]["mean"] == pytest.approx(0, abs=1e-5)
+    assert r["self"]["reverse_kl"]["0.8"]["mean"] == pytest.approx(0, abs=1e-5)
+    assert r["self"]["forward_kl"]["1.2"]["mean"] > 1e-3 and r["other"]["forward_kl"]["0.8"]["mean"] > 1e-3
+    assert "forward_kl" not in r["teacher"] and {"loop", "distinct2"} <= set(r["teacher"])
+    assert {"loop", "loop_sampled"} <= set(r["oracle"])
+    diff = res["paired"]["toy"]["other - self"]["forward_kl"]["0.8"]
+    assert diff["mean"] == pytest.approx(r["other"]["forward_kl"]["0.8"]["mean"], rel=1e-6) and diff["lo"] > 0
+    md = (out / "results.md").read_text()
+    assert "### oracle: toy" in md and "Paired difference other - self" in md and (out / "oracle.png").exists()
+    # another vocabulary: one line, before any model loads
+    tok = ev.load_tokenizer(other)
+    tok.add_tokens(["zebra"])
+    tok.save_pretrained(other)
+    assert ev.main(argv) == 2
+    assert "its tokenizer differs" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -4,11 +4,12 @@ from health import Monitors
 
 
 def monitors():
-    return Monitors(window=5, chance_band=0.05, saturation=0.98, length_drift=0.5, zero_adv=0.5)
+    return Monitors(window=5, chance_band=0.05, saturation=0.98, length_drift=0.5, zero_adv=0.5, teacher_loops=0.1,
+                    loop_margin=0.2)
 
 
-def rec(step, stage="gad", d_acc=0.7, length=30.0, zero=0.0, d_trained=True):
-    r = dict(step=step, stage=stage, d_acc=d_acc, resp_len_mean=length, zero_adv_frac=zero)
+def rec(step, stage="gad", d_acc=0.7, length=30.0, zero=0.0, d_trained=True, loops=0.05):
+    r = dict(step=step, stage=stage, d_acc=d_acc, resp_len_mean=length, zero_adv_frac=zero, loop_frac=loops)
     if d_trained:
         r["d_grad_norm"] = 0.1
     return r
@@ -59,3 +60,18 @@ def test_length_drift_against_the_start_of_the_gad_stage():
 def test_zero_advantage_groups():
     ws = run([rec(i, zero=z) for i, z in enumerate([0.5, 0.75, 0.5, 0.25, 0.5, 1.0])])
     assert len(ws) == 1 and "step 4" in ws[0] and "equal rewards" in ws[0]
+
+
+def test_loops_above_the_teachers_fire():
+    # the teacher's answers loop at 10%; the samples at 15-25% are within the margin, at 40-60% not
+    ws = run([rec(i, loops=v) for i, v in enumerate([0.15, 0.2, 0.25, 0.2, 0.15, 0.4, 0.5, 0.6, 0.6, 0.5])])
+    loops = [w for w in ws if "loop" in w]
+    assert len(loops) == 1 and "step 7" in loops[0] and "against 10% of the teacher's answers" in loops[0], ws
+
+
+def test_has_loop():
+    from health import has_loop
+    for text in ("Aye, aye, aye, aye!", "ho ho ho ho ho", "me aye, me aye, me aye, me aye", "a b c a b c a b c a b c x"):
+        assert has_loop(text), text
+    for text in ("aye aye aye", "the the the cat", "Arr matey, the sea is wide and the sea is deep", ""):
+        assert not has_loop(text), text
