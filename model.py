@@ -112,9 +112,11 @@ def causal_attention(q, k, v):
     if use_flash(q):
         return flash_attn_func(q, k, v, causal=True)
     dtype = q.dtype
-    if q.device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():
+    if q.device.type == "cpu" and dtype == torch.bfloat16:
         # the CPU's flash-attention backward is several times slower in bf16 than in fp32 at training's
-        # sequence lengths, where attention is little of the work: train it in fp32
+        # sequence lengths, where attention is little of the work: train it in fp32. Forwards without a
+        # backward (the reference's and the sampling policy's log-probs) do the same, or the KL to the
+        # reference and the PPO ratio would start away from 0 and 1 at equal weights
         q, k, v = q.float(), k.float(), v.float()
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        enable_gqa=k.shape[2] != q.shape[2])

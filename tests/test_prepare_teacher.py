@@ -28,8 +28,9 @@ ALL_FAULTS = ["429", "500", "503", "slow", "drop", "malformed", "nochoices", "em
 
 
 def fast(srv, *extra):
-    """Flags that make a run quick against the fake server: short timeouts, few retries."""
-    return ["--base-url", srv.url, "--model", "fake", "--timeout", "1.0", "--retries", "3", *extra]
+    """Flags that make a run quick against the fake server: few retries, and a deadline short enough for the
+    "slow" fault (4 s) yet roomy for a loaded 2-core machine (--timeout bounds the whole request)."""
+    return ["--base-url", srv.url, "--model", "fake", "--timeout", "3.0", "--retries", "3", *extra]
 
 
 def write_prompts(path, n, start=0):
@@ -228,7 +229,7 @@ def test_200_prompts_with_30pct_faults(tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", 200)
     out = tmp_path / "o.jsonl"
     faults = seeded_faults(0.3, ALL_FAULTS + ["length", "refusal"], seed=1)
-    with FakeOpenAI(faults=faults, slow_s=1.5) as srv:
+    with FakeOpenAI(faults=faults, slow_s=4.0) as srv:
         args = fast(srv, "--prompts", prompts, "--out", str(out), "--concurrency", "16", "--refusal-filter",
                     "--price-in", "1", "--price-out", "2")
         code, report, _ = run_main(capsys, args)

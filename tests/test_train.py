@@ -773,3 +773,14 @@ def test_blank_teacher_answers_and_a_failing_chat_template(world, tmp_path, caps
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"row {rows[0]['id']}: the chat template" in r.stderr.strip().splitlines()[-1]
     assert "only one user turn, please" in r.stderr.strip().splitlines()[-1]
+
+
+def test_first_gad_step_starts_at_the_reference_in_bf16(world, tmp_path):
+    """At the first GAD step G is the reference and the policy that sampled: the KL must be 0 and the PPO
+    ratio 1. In bf16 on CPU the no-grad forwards (reference, old log-probs) and the training forward must
+    compute attention alike for that to hold."""
+    out = tmp_path / "bf16"
+    run(base_args(world, dtype="bfloat16", d_only_steps=1, warmup_steps=2, max_steps=3, eval_prompts=0), out)
+    first = metrics(out)[2]
+    assert first["stage"] == "gad"
+    assert first["kl"] == 0 and first["clip_frac"] == 0, first
