@@ -8,8 +8,8 @@ Score checkpoints the way the GAD paper does, plus judge-free metrics; pick a ru
     python evaluate.py --models out/gad/ckpt-002400/generator teacher --test-sets data/lmsys_test.jsonl \
         --judge --judge-model gpt-4o --both-orders
     # every checkpoint of a train_gad.py run against its step -> out/demo/eval/, and the best one named
-    python evaluate.py --run out/demo --test-sets data/demo.test.jsonl --models teacher --max-new-tokens 48 \
-        --teacher-max-tokens 48 --markers "arr,matey,ahoy,aye,pirate" --select-by marker
+    python evaluate.py --run out/demo --test-sets data/demo.test.jsonl --models teacher --max-new-tokens 128 \
+        --markers "arr,matey,ahoy,aye,pirate" --select-by marker
     # training curves of a train_gad.py run -> out/demo/metrics.png
     python evaluate.py --plot-metrics out/demo/metrics.jsonl
 

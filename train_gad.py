@@ -78,21 +78,21 @@ def parse_args(argv=None):
       "(weights, both optimizer states, data position and step count carry over), writing to --out-dir")
     a("--keep-resume", type=POS_INT, default=2, help="the newest checkpoints that keep their resume state")
     # schedule; the scale defaults are the demo's, the paper's values are in the docstring
-    a("--max-steps", type=POS_INT, default=30, help="total steps, warmup included")
-    a("--warmup-steps", type=NONNEG_INT, default=18, help="steps before the GAD stage (paper: ~1 epoch); 0: no "
+    a("--max-steps", type=POS_INT, default=26, help="total steps, warmup included")
+    a("--warmup-steps", type=NONNEG_INT, default=16, help="steps before the GAD stage (paper: ~1 epoch); 0: no "
       "warmup at all; equal to --d-only-steps: D warmup without G warmup (the paper's no-G-warmup ablation)")
-    a("--d-only-steps", type=NONNEG_INT, default=16, help="the first warmup steps train D only (D warmup; 0: none); "
+    a("--d-only-steps", type=NONNEG_INT, default=2, help="the first warmup steps train D only (D warmup; 0: none); "
       "the remaining warmup steps also train G by SFT (G warmup; paper: 10 D-only steps)")
-    a("--prompts-per-step", type=POS_INT, default=16, help="global batch of prompts per step (paper: 256)")
-    a("--max-new-tokens", type=POS_INT, default=48, help="response limit for samples and teacher (paper: 1536)")
+    a("--prompts-per-step", type=POS_INT, default=8, help="global batch of prompts per step (paper: 256)")
+    a("--max-new-tokens", type=POS_INT, default=128, help="response limit for samples and teacher (paper: 1536)")
     a("--max-prompt-len", type=POS_INT, default=2048, help="longer prompts are skipped and counted")
     a("--token-budget", type=POS_INT, default=2048, help="padded tokens per micro-batch: any batch fits memory "
       "(a prompt's teacher answer and its samples always share one D micro-batch)")
     a("--rollout-rows", type=NONNEG_INT, default=0, help="at most this many responses decoded at once per "
       "process (bounds the KV cache; 0: all of them)")
     # the algorithm; defaults are the paper's
-    a("--n-samples", type=POS_INT, default=2, help="responses per prompt (paper: 8; GAD needs >= 2: advantages "
-      "are normalised within each prompt's group). The demo's 2: D learns from many prompts, not many samples of one")
+    a("--n-samples", type=POS_INT, default=4, help="responses per prompt (paper: 8; GAD needs >= 2: advantages "
+      "are normalised within each prompt's group; with 2, any reward gap, noise included, gives +-0.71)")
     a("--temperature", type=POS, default=0.8)
     a("--top-p", type=number(float, above=0, high=1), default=1.0)
     a("--sft-temperature", type=POS, default=0.8, help="SFT NLL on logits / this (official code: 0.8)")
@@ -108,8 +108,8 @@ def parse_args(argv=None):
     # optimisation: AdamW, constant lr; the paper uses 1e-6 for all (SeqKD 5e-6). The demo's D learns faster
     # than its G (a D that lags is fooled by a G overshooting it), and its fresh score head faster than its
     # pretrained body: Adam moves each weight ~lr per step, and the head starts at std 0.02
-    a("--lr", type=POS, default=2e-5, help="generator lr (paper: 1e-6; SeqKD 5e-6)")
-    a("--d-lr", type=POS, default=5e-5, help="discriminator lr (paper: 1e-6)")
+    a("--lr", type=POS, default=1e-5, help="generator lr (paper: 1e-6; SeqKD 5e-6)")
+    a("--d-lr", type=POS, default=1e-4, help="discriminator lr (paper: 1e-6)")
     a("--d-head-lr", type=POS, default=1e-3, help="lr of D's fresh score head (paper: equal to --d-lr)")
     a("--weight-decay", type=NONNEG, default=0.01)
     a("--beta1", type=number(float, low=0, high=0.999999), default=0.9)

@@ -8,6 +8,35 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIRATE = "You are a pirate. Always talk like a pirate"
+# the demo's shape, chosen by the sweep in the README ("Does the adversarial stage help?")
+DEMO_DEFAULTS = dict(n_samples=4, prompts_per_step=8, max_new_tokens=128, d_only_steps=2, warmup_steps=16,
+                     max_steps=26, lr=1e-5, d_lr=1e-4, d_head_lr=1e-3, kl_coef=0.001, temperature=0.8)
+
+
+def read(f):
+    with open(os.path.join(ROOT, f)) as fh:
+        return [json.loads(l) for l in fh]
+
+
+def test_demo_data_and_defaults_are_the_papers_shape(smollm2_path):
+    """The demo is a fair small copy of the paper's setting: the teacher's answers end (D scores the end of a
+    finished answer, not a word cut mid-sentence), the student may write as long as the teacher's longest,
+    several samples per prompt, a warmup that teaches before the GAD stage."""
+    import train_gad
+    from loading import load_tokenizer
+    train, test = read("data/demo.train.jsonl"), read("data/demo.test.jsonl")
+    assert (len(train), len(test)) == (148, 60)
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    rows = train + test
+    # cut answers were left out when the data was made, so every answer ends with the end-of-turn token
+    assert all(r["finish_reason"] == "stop" and r["teacher"].strip() for r in rows)
+    assert all(r["system"].startswith(PIRATE) and r["temperature"] == 0.7 for r in rows)
+    args = train_gad.parse_args([])
+    tok = load_tokenizer(smollm2_path)
+    longest = max(len(tok(r["teacher"])["input_ids"]) for r in rows) + 1  # + the end-of-turn token
+    assert longest <= args.max_new_tokens
+    assert {k: getattr(args, k) for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
 
 
 @pytest.mark.slow
