@@ -33,15 +33,27 @@ def test_d_near_chance_fires_once_after_a_window():
 
 
 def test_d_fooled_in_the_gad_stage_fires_for_a_frozen_d_too():
-    # the frozen-D arm of the README's comparison: accuracy on fresh samples falls below chance as G
-    # exploits the fixed D (0.5, 0.53, 0.34, 0.44, 0.28 there); D-only steps never count
+    # the frozen-D arm of the first demo (48-token cut answers, n = 2): accuracy on fresh samples fell below
+    # chance as G exploited the fixed D (0.5, 0.53, 0.34, 0.44, 0.28 there); D-only steps never count
     accs = [0.3, 0.3, 0.3, 0.3, 0.3, 0.9, 0.8, 0.7, 0.5, 0.53, 0.34, 0.44, 0.28]
     ws = run([rec(i, "d_only" if i < 5 else "gad", d_acc=a, d_trained=i < 5) for i, a in enumerate(accs)])
     fooled = [w for w in ws if "exploiting" in w]
     assert len(fooled) == 1 and "step 12" in fooled[0] and "0.42" in fooled[0], ws
     # a game that hovers above chance stays quiet
-    accs = [0.91, 0.75, 0.78, 0.66, 0.88, 0.59, 0.84, 0.66, 0.5, 0.72, 0.66, 0.78]  # the default demo's GAD stage
+    accs = [0.91, 0.75, 0.78, 0.66, 0.88, 0.59, 0.84, 0.66, 0.5, 0.72, 0.66, 0.78]  # the first demo's GAD stage
     assert not [w for w in run([rec(i, "gad", d_acc=a) for i, a in enumerate(accs)]) if "exploiting" in w]
+
+
+def test_the_frozen_d_arm_of_the_demo_drifts_in_length_before_it_is_fooled():
+    # the README's frozen-D arm, seed 2 (the current demo): over its 10 GAD steps D falls to chance, not below,
+    # so the exploit monitor stays quiet, while the lengths drift past +50% and say it first
+    accs = [0.7188, 0.5, 0.6875, 0.5625, 0.625, 0.6875, 0.5938, 0.4688, 0.5, 0.4688]
+    lens = [46.78, 52.25, 40.44, 52.41, 70.62, 66.59, 74.81, 58.19, 54.78, 70.28]
+    ws = run([rec(16 + i, d_acc=a, length=l, d_trained=False) for i, (a, l) in enumerate(zip(accs, lens))])
+    assert not [w for w in ws if "exploiting" in w or "chance" in w], ws
+    drift = [w for w in ws if "response length" in w]
+    assert [w.split(":")[1].strip() for w in drift] == ["step 20", "step 22", "step 25"], ws
+    assert "46.8 -> 70.6" in drift[0] and "+51%" in drift[0]
 
 
 def test_d_saturated_fires_and_rearms():
