@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from data import read_jsonl
 from discriminator import save_discriminator
+from distributed import release_freed_memory
 from loading import save_model
 
 try:
@@ -149,6 +150,7 @@ def save(out_dir, step, models, opts, state, tokenizer, d_pad_id, keep_resume):
     """Write ckpt-<step> atomically: everything goes to ckpt-<step>.tmp, every file and directory is
     fsynced, then one rename. A crash leaves the older checkpoints and a .tmp dir that resume ignores.
     Rank 0 writes the HF exports of G and D (D's with d_pad_id, see save_discriminator)."""
+    release_freed_memory()  # the full-state buffers below come on top of the heap the run has grown
     rank = dist.get_rank()
     final = os.path.join(out_dir, f"ckpt-{step:06d}")
     tmp = final + ".tmp"

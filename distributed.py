@@ -17,26 +17,28 @@ import torch
 import torch.distributed as dist
 
 
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator decides
+        return None
+
+
 def keep_freed_memory():
     """glibc gives each large allocation its own mmap (always above 32 MB) and hands it back to the
     kernel when freed, so every [chunk, vocab] buffer of every step starts in fresh pages that fault in
     one by one: on a CPU that costs more than the passes over them. Keep freed memory for reuse."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its allocator decides
-        return
-    libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the top of the heap back
+    if libc := _glibc():
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'd chunks
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never give the top of the heap back
 
 
 def release_freed_memory():
-    """Hand the heap's free pages back to the kernel. keep_freed_memory lets the heap grow over a run (9 GiB
-    per process after the demo's 26 steps), and a checkpoint's full-state buffers come on top of it: without
-    this, the demo's final save reached 12 GiB per process and the kernel killed it on a 24 GB machine."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    """Hand the free pages that keep_freed_memory kept back to the kernel. The heap grows over a run
+    (9 GiB per process by the demo's 26th step), and a checkpoint's full-state buffers come on top:
+    without this the demo's final save reached 12 GiB per process, more than a 24 GB machine holds."""
+    if libc := _glibc():
+        libc.malloc_trim(0)
 
 
 def init_distributed():

@@ -40,7 +40,7 @@ from charts import plot_metrics
 from data import DataError, read_rows, student_response, tokenize_rows
 from discriminator import Discriminator, d_accuracy, pad_id_for_scoring, pair_loss
 from distributed import (StepMetrics, clip_and_step, fast_bf16, init_distributed, micro_batches, peak_memory_gib,
-                         release_freed_memory, shard)
+                         shard)
 from flags import NONNEG, NONNEG_INT, POS, POS_INT, number
 from generate import generate
 from health import Monitors, has_loop
@@ -623,7 +623,6 @@ def main(argv=None):
         terminating = terminate_requested(device)  # a scheduler's SIGTERM: save, then stop
         if not args.no_save and (terminating or step == args.max_steps or (args.save_every and step % args.save_every == 0)):
             state = dict(step=step, epoch=order.epoch, cursor=order.cursor, world=world, args=vars(args))
-            release_freed_memory()  # the heap grown over the run, before the save adds its buffers
             last_ckpt = checkpoint.save(args.out_dir, step, models, opts, state, tok, pad_id_for_scoring(tok, stop),
                                         args.keep_resume)
             log(f"saved {last_ckpt}")
